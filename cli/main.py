@@ -1,0 +1,35 @@
+"""The ``gpas-probe`` Typer app."""
+
+from __future__ import annotations
+
+import typer
+
+from gpas_probe import __version__
+from gpas_probe.cli.train import train_cmd
+
+app = typer.Typer(
+    name="gpas-probe",
+    help="Are my deep layers doing anything? Train, probe and profile LLaMA-style models with and "
+         "without GPAS (Gradient-Preserving Activation Scaling).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"gpas-probe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                      help="Print the version and exit.")) -> None:
+    """Are my deep layers doing anything?"""
+
+
+app.command("train")(train_cmd)
+
+if __name__ == "__main__":
+    app()
