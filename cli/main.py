@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import typer
+from gpas_probe.cli.train import train_cmd
 
 from gpas_probe import __version__
-from gpas_probe.cli.train import train_cmd
 
 app = typer.Typer(
     name="gpas-probe",

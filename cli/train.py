@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import typer
-
 from gpas_probe.cli.common import console, friendly_errors, progress_bar, setup_logging
+
 from gpas_probe.config import GateGranularity, ModelConfig, NormScheme, ScalingMode, TrainConfig, get_preset
 from gpas_probe.train import StepInfo, TrainResult, train
 

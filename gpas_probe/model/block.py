@@ -79,7 +79,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = self.hook_resid_pre(x)  # (B, T, hidden)
-        branch = self.hook_attn_out(self.attn_branch_norm(self.attn(_scaled(self.attn_norm(x), self.in_scale), cos, sin)))
+        attn_in = _scaled(self.attn_norm(x), self.in_scale)
+        branch = self.hook_attn_out(self.attn_branch_norm(self.attn(attn_in, cos, sin)))
         shortcut = self.hook_attn_shortcut(_scaled(self.attn_shortcut_gate(x), self.shortcut_scale))
         h = self.hook_resid_mid(self.attn_out_gate(self.attn_out_norm(shortcut + branch)))
         branch = self.hook_mlp_out(self.mlp_branch_norm(self.mlp(_scaled(self.mlp_norm(h), self.in_scale))))
