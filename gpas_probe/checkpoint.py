@@ -54,7 +54,7 @@ def _block_params(block: Block, gran: GateGranularity) -> dict[str, nn.Parameter
         out[f"{key}.weight"] = getattr(block, slot).weight
     gates = block.gates()
     names = ["gpas_block"] if gran is GateGranularity.LAYER else ["gpas_attn", "gpas_mlp"]
-    for name, gate in zip(names, gates, strict=True):
+    for name, gate in zip(names[: len(gates)], gates, strict=True):
         out[f"{name}.gate"] = gate.alpha
     return out
 

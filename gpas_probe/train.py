@@ -122,6 +122,7 @@ def prepare_run_dir(out: Path, meta: dict[str, Any], resume: bool, overwrite: bo
     if meta_path.exists():
         if resume:
             old = json.loads(meta_path.read_text())
+            meta = json.loads(json.dumps(meta))  # compare as stored (tuples become lists)
             if old.get("model_config") != meta["model_config"]:
                 raise ValueError(f"{out}: --resume with a model configuration that differs from the run's")
             keep = {k: v for k, v in old["train_config"].items() if k not in ("steps", "device")}
