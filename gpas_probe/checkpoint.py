@@ -180,11 +180,17 @@ def load_state(path: Path) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def assign_weights(model: Transformer, state: dict[str, torch.Tensor], where: str = "") -> None:
-    """Copy HF-keyed tensors into ``model``; every expected key must be present with its shape."""
+    """Copy HF-keyed tensors into ``model``; every expected key must be present with its shape, and
+    no other weight may be left over (only rotary ``inv_freq`` buffers and a tied ``lm_head`` are skipped)."""
     params = parameter_map(model)
     missing = sorted(set(params) - set(state))
     if missing:
         raise ValueError(f"{where}: missing weights, e.g. {missing[:3]} ({len(missing)} in all)")
+    skip = {"lm_head.weight"} if model.config.tie_embeddings else set()
+    unexpected = sorted(k for k in set(state) - set(params) - skip if not k.endswith("rotary_emb.inv_freq"))
+    if unexpected:
+        raise ValueError(f"{where}: weights this model has no place for, e.g. {unexpected[:3]} "
+                         f"({len(unexpected)} in all); check the scheme, GPAS and bias settings")
     for key, p in params.items():
         t = state[key]
         if t.numel() == p.numel() == 1:
@@ -194,16 +200,30 @@ def assign_weights(model: Transformer, state: dict[str, torch.Tensor], where: st
         p.copy_(t)
 
 
-def load_checkpoint(path: str | Path, dtype: torch.dtype | None = None,
-                    device: str | torch.device | None = None) -> Transformer:
-    """Load a checkpoint (or a run's latest) into a ready model in eval mode."""
+def load_checkpoint(path: str | Path, norm: str | None = None, post_layers: int | None = None,
+                    dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> Transformer:
+    """Load a checkpoint (or a run folder's latest) into a ready model in eval mode.
+
+    Our own checkpoints carry their configuration. Others (the GPAS code's, Hugging Face LLaMA,
+    Mistral, Qwen2) are read by :mod:`gpas_probe.foreign`, which infers the scheme from the keys;
+    ``norm`` and ``post_layers`` override it where the keys cannot decide (post vs deepnorm).
+    ``model.step`` is the training step when known, else ``None``.
+    """
     ckpt = resolve_checkpoint(path)
     cfg = read_config(ckpt)
     ours = cfg.get("gpas_probe")
     if not ours:
-        raise ValueError(f"{ckpt}: not a gpas-probe checkpoint (no 'gpas_probe' block in {CONFIG_NAME})")
+        from gpas_probe.foreign import load_foreign
+
+        return load_foreign(ckpt, cfg, norm=norm, post_layers=post_layers, dtype=dtype, device=device)
     config = ModelConfig.from_dict(ours["model_config"])
-    model = build_model(config)
+    if norm is not None and str(norm) != config.norm.value:
+        raise ValueError(f"{ckpt}: this checkpoint was trained as {config.norm.value!r}, not {str(norm)!r}")
+    with torch.device("meta"):
+        model = build_model(config)
+    model = model.to_empty(device="cpu")
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
     assign_weights(model, load_state(ckpt), str(ckpt))
     model.step = ours.get("step")  # type: ignore[assignment]
     return model.to(device=device, dtype=dtype).eval()

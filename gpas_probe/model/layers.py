@@ -64,8 +64,14 @@ class Rotary(nn.Module):
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         assert config.head_dim is not None
-        inv = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
-        self.register_buffer("inv_freq", inv, persistent=False)
+        self._spec = (config.head_dim, config.rope_theta, config.rope_scaling)
+        self.register_buffer("inv_freq", rope_inv_freq(*self._spec), persistent=False)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        # Frequencies stay fp32 whatever dtype the model is cast to (as in transformers).
+        super()._apply(fn, recurse)
+        self.inv_freq = rope_inv_freq(*self._spec).to(self.inv_freq.device)
+        return self
 
     def forward(self, seq_len: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         t = torch.arange(seq_len, device=self.inv_freq.device, dtype=torch.float32)
