@@ -1,0 +1,26 @@
+"""Figures from the long probe table (columns run_id, step, layer, site, direction, stat, value).
+
+Axes-level functions follow seaborn: the DataFrame first, column choices as keywords, ``ax=`` in (default
+the current Axes), the Axes out. Per-run views (``variance_growth``, ``variance_heatmap``, ``gates``) take
+``run=`` (optional when the table holds one run); comparison views (``shortcut_ratio``, ``grad_norm``,
+``loss_curves``) draw every run (or ``runs=``) as a colour on one Axes. ``make_figure(kind, data, runs)``
+builds a whole Figure for one or more runs side by side; ``FIGURES`` names the kinds for the CLI.
+
+Missing data: an axes-level function raises ``MissingDataError`` (a ``ValueError``) naming the run, site,
+direction and stat it could not find, except that ``gates`` writes "no GPAS gates in this run" in the
+Axes (a run without gates is normal). Comparison views name the runs without data in a note as long as
+one run has data. Figure-level functions give a run without data an annotated empty panel and raise
+``MissingDataError`` only when no run has the data (the ``gates`` figure never raises for missing gates).
+
+Large tables: every function filters one column at a time and averages duplicates with a groupby
+before drawing, so matplotlib only ever sees a few hundred points per line. Nothing here changes global
+matplotlib or seaborn state (no style, theme or rcParams changes); the caller closes the figures.
+"""
+
+from gpas_probe.plots._frame import MissingDataError
+from gpas_probe.plots.depth import grad_norm, shortcut_ratio, variance_growth, variance_heatmap
+from gpas_probe.plots.dynamics import gates, loss_curves
+from gpas_probe.plots.figures import FIGURES, compare_figure, make_figure, save_figure
+
+__all__ = ["FIGURES", "MissingDataError", "compare_figure", "gates", "grad_norm", "loss_curves", "make_figure",
+           "save_figure", "shortcut_ratio", "variance_growth", "variance_heatmap"]

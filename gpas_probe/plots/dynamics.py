@@ -1,0 +1,153 @@
+"""Quantities over training steps: GPAS gate trajectories and loss curves."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import seaborn as sns
+from matplotlib.axes import Axes
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Colormap, Normalize
+from matplotlib.lines import Line2D
+
+from gpas_probe.plots._frame import (
+    GATE_SITES,
+    STAT_NAMES,
+    MissingDataError,
+    annotate_missing,
+    blocks,
+    check_frame,
+    log_y,
+    mean_by,
+    pick_run,
+    run_colors,
+    run_list,
+    select,
+)
+
+logger = logging.getLogger(__name__)
+
+GATE_STATS = ("alpha", "silu_alpha", "scale", "alpha_grad")
+GATE_STYLE = {"gpas": "-", "gpas_attn": "-", "gpas_mlp": "--"}
+NO_GATES = "no GPAS gates in this run"
+
+
+def gate_table(data: pd.DataFrame, stat: str = "scale") -> pd.DataFrame:
+    """Mean gate ``stat`` per (run_id, site, layer, step); ``scale`` is derived from ``alpha`` where absent.
+
+    ``scale = 1 - SiLU(alpha) = 1 - alpha * sigmoid(alpha)``.
+    """
+    if stat not in GATE_STATS:
+        raise ValueError(f"stat must be one of {list(GATE_STATS)}, got {stat!r}")
+    wanted = [stat, "alpha"] if stat == "scale" else [stat]
+    rows = blocks(select(data, site=list(GATE_SITES), stat=wanted))
+    table = mean_by(rows, ["run_id", "site", "layer", "step", "stat"])
+    direct = table[table["stat"] == stat]
+    if stat == "scale":
+        alpha = table[table["stat"] == "alpha"]
+        have = pd.MultiIndex.from_frame(direct[["run_id", "site"]])
+        alpha = alpha[~pd.MultiIndex.from_frame(alpha[["run_id", "site"]]).isin(have)].copy()
+        if not alpha.empty:
+            a = alpha["value"].to_numpy()
+            alpha["value"] = 1.0 - a / (1.0 + np.exp(-a))
+            direct = pd.concat([direct, alpha], ignore_index=True)
+    return direct.drop(columns="stat").sort_values(["run_id", "site", "layer", "step"], ignore_index=True)
+
+
+def _layer_norm(layers: np.ndarray) -> Normalize:
+    lo, hi = (float(layers.min()), float(layers.max())) if len(layers) else (0.0, 1.0)
+    return Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1)
+
+
+def _draw_gates(ax: Axes, table: pd.DataFrame, norm: Normalize, cmap: Colormap) -> None:
+    sites = [s for s in GATE_SITES if s in set(table["site"])]
+    for site in sites:
+        part = table[table["site"] == site]
+        for layer, rows in part.groupby("layer", sort=True):
+            ax.plot(rows["step"].to_numpy(), rows["value"].to_numpy(), color=cmap(norm(layer)),
+                    linestyle=GATE_STYLE[site], linewidth=1.2)
+    if len(sites) > 1:
+        handles = [Line2D([], [], color="0.3", linestyle=GATE_STYLE[s], label=s) for s in sites]
+        ax.legend(handles=handles, title="gate", fontsize="small", title_fontsize="small", loc="best")
+
+
+def gates(data: pd.DataFrame, ax: Axes | None = None, *, run: str | None = None, stat: str = "scale",
+          palette: str = "viridis", colorbar: bool = True, norm: Normalize | None = None) -> Axes:
+    """GPAS gate trajectories: ``stat`` (default the scale ``1 - SiLU(α)``) vs step, one line per layer.
+
+    Lines are coloured by layer (sequential palette, colorbar); per-sub-layer gates draw attention solid
+    and MLP dashed. A run without gate rows gets the text "no GPAS gates in this run" instead of lines
+    (no error). ``norm`` fixes the layer colour scale, e.g. to share one colorbar across panels.
+    """
+    check_frame(data)
+    run = pick_run(data, run)
+    table = gate_table(select(data, run_id=run), stat)
+    ax = plt.gca() if ax is None else ax
+    ax.set_title(run)
+    ax.set_xlabel("training step")
+    ax.set_ylabel(STAT_NAMES[stat])
+    if table.empty:
+        annotate_missing(ax, NO_GATES)
+        return ax
+    cmap = sns.color_palette(palette, as_cmap=True)
+    norm = _layer_norm(table["layer"].to_numpy()) if norm is None else norm
+    _draw_gates(ax, table, norm, cmap)
+    ax.grid(True, alpha=0.3)
+    if colorbar:
+        ax.figure.colorbar(ScalarMappable(norm=norm, cmap=cmap), ax=ax, label="layer")
+    return ax
+
+
+def loss_curves(data: pd.DataFrame, ax: Axes | None = None, *, runs: Iterable[str] | None = None, val: bool = True,
+                smooth: int | None = None, logy: bool = False, legend: bool = True) -> Axes:
+    """Training loss vs step, one line per run, with ``val_loss`` as markers of the same colour.
+
+    ``smooth`` is a centred rolling-mean window (in recorded points) for the training loss. Runs without
+    loss rows are named in a note; if no run has any, ``MissingDataError``.
+    """
+    if smooth is not None and smooth < 1:
+        raise ValueError(f"smooth must be >= 1, got {smooth}")
+    check_frame(data)
+    runs = run_list(data, runs)
+    stats = ["loss", "val_loss"] if val else ["loss"]
+    table = mean_by(select(data, stat=stats, site="model", run_id=runs), ["run_id", "stat", "step"])
+    ax = plt.gca() if ax is None else ax
+    colors = run_colors(runs)
+    missing = []
+    for run in runs:
+        rows = table[table["run_id"] == run]
+        train = rows[rows["stat"] == "loss"]
+        valid = rows[rows["stat"] == "val_loss"]
+        if train.empty and valid.empty:
+            missing.append(run)
+            continue
+        if not train.empty:
+            y = train["value"]
+            if smooth:
+                y = y.rolling(smooth, center=True, min_periods=1).mean()
+            ax.plot(train["step"].to_numpy(), y.to_numpy(), color=colors[run], linewidth=1.5, label=run)
+        if not valid.empty:
+            ax.plot(valid["step"].to_numpy(), valid["value"].to_numpy(), color=colors[run], linestyle="none",
+                    marker="D", markersize=6, markeredgecolor="black", markeredgewidth=0.7, zorder=3,
+                    label=f"{run} (val)")
+    if len(missing) == len(runs):
+        raise MissingDataError(f"no run has {' or '.join(stats)} rows (site 'model'); runs: {runs}")
+    if logy:
+        log_y(ax)
+    ax.set_xlabel("training step")
+    ylabel = "loss (nats/token" + (", log scale)" if logy else ")")
+    ax.set_ylabel(ylabel if not smooth else f"{ylabel}, rolling mean of {smooth}")
+    ax.set_title("training loss" + (" (lines) and validation loss (markers)" if val else ""))
+    ax.grid(True, alpha=0.3)
+    if missing:
+        ax.text(0.01, 0.01, f"no loss: {', '.join(missing)}", transform=ax.transAxes, fontsize="small", color="0.35")
+    if legend:
+        ax.legend(fontsize="small", loc="best", framealpha=0.8)
+    return ax
+
+
+__all__ = ["NO_GATES", "MissingDataError", "gate_table", "gates", "loss_curves"]
