@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import typer
+from gpas_probe.cli.analyze import compare_cmd, info_cmd, plot_app
+from gpas_probe.cli.demo import demo_cmd
 from gpas_probe.cli.train import train_cmd
 
 from gpas_probe import __version__
@@ -29,7 +31,11 @@ def main(version: bool = typer.Option(False, "--version", callback=_version, is_
     """Are my deep layers doing anything?"""
 
 
+app.command("demo")(demo_cmd)
 app.command("train")(train_cmd)
+app.add_typer(plot_app, name="plot")
+app.command("info")(info_cmd)
+app.command("compare")(compare_cmd)
 
 if __name__ == "__main__":
     app()

@@ -8,6 +8,7 @@ import typer
 from gpas_probe.cli.common import console, friendly_errors, progress_bar, setup_logging
 
 from gpas_probe.config import GateGranularity, ModelConfig, NormScheme, ScalingMode, TrainConfig, get_preset
+from gpas_probe.probes import FAMILIES, ProbeConfig
 from gpas_probe.train import StepInfo, TrainResult, train
 
 
@@ -59,6 +60,9 @@ def train_cmd(
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
+    probe_every: int = typer.Option(10, help="Record probes on step 1 and every N steps (0 = off)."),
+    probe_schedule: str = typer.Option("every", help="'every' N steps, or 'log' (log-spaced steps plus every N)."),
+    probe_stats: str = typer.Option(",".join(FAMILIES), help="Comma list of statistic families to record."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details."),
 ) -> None:
     """Train a model under one normalization scheme, with or without GPAS."""
@@ -73,7 +77,16 @@ def train_cmd(
         gate_clip=clip_gate_grad, device=device, compile=compile or None), model_kw)
     out = out or default_out(preset, model.norm, model.gpas)
     label = f"{model.norm.value}{'+gpas' if model.gpas else ''}"
-    result = run_with_progress(model, tc, out, label, resume=resume, overwrite=overwrite)
+    probe = probe_config(probe_every, probe_schedule, probe_stats)
+    result = run_with_progress(model, tc, out, label, resume=resume, overwrite=overwrite, probe=probe)
     val = result.final_val_loss
     console.print(f"trained {label} to step {result.step}"
-                  + (f", validation loss {val:.4f}" if val is not None else "") + f"; run in {out}")
+                  + (f", validation loss {val:.4f}" if val is not None else "") + f"; run in {out}"
+                  + (f" (probes in {out / 'probes'})" if probe else ""))
+
+
+def probe_config(every: int, schedule: str = "every", stats: str = ",".join(FAMILIES)) -> ProbeConfig | None:
+    """The CLI's probe options as a ProbeConfig; ``every == 0`` with the 'every' schedule turns probes off."""
+    if every == 0 and schedule == "every":
+        return None
+    return ProbeConfig(every=every, schedule=schedule, stats=tuple(s.strip() for s in stats.split(",") if s.strip()))

@@ -26,6 +26,7 @@ from gpas_probe.config import ModelConfig, TrainConfig
 from gpas_probe.data import Batches, load_corpus
 from gpas_probe.gpas import clip_gate_grad_
 from gpas_probe.model import Transformer, build_model
+from gpas_probe.probes import Probe, ProbeConfig
 
 log = logging.getLogger(__name__)
 
@@ -142,10 +143,11 @@ def prepare_run_dir(out: Path, meta: dict[str, Any], resume: bool, overwrite: bo
 
 def train(model_config: ModelConfig, train_config: TrainConfig, out: str | Path | None = None, *,
           resume: bool = False, overwrite: bool = False, observers: Sequence[StepObserver] = (),
-          callback: Callable[[StepInfo], None] | None = None,
+          callback: Callable[[StepInfo], None] | None = None, probe: ProbeConfig | None = None,
           meta: dict[str, Any] | None = None) -> TrainResult:
     """Train a model from scratch (or ``resume`` the run in ``out``) and return it.
 
+    ``probe`` records statistics into ``out/probes/`` (see :class:`gpas_probe.probes.ProbeConfig`).
     ``callback`` receives a :class:`StepInfo` after every step (the CLI draws its progress bar from
     it); ``observers`` are called around each step (see :class:`StepObserver`).
     """
@@ -163,13 +165,30 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out: str | Path 
     optimizer = make_optimizer(model, cfg)
     start = 0
     run_dir = Path(out) if out is not None else None
+    run_meta = _run_meta(model_config, cfg, meta or {})
     if run_dir is not None:
-        prepare_run_dir(run_dir, _run_meta(model_config, cfg, meta or {}), resume, overwrite)
+        prepare_run_dir(run_dir, run_meta, resume, overwrite)
         if resume and (ckpts := find_checkpoints(run_dir)):
             start = _restore(model, optimizer, ckpts[-1], device)
             log.info("resumed %s at step %d", run_dir, start)
     if start >= cfg.steps:
         log.info("nothing to do: the run is already at step %d of %d", start, cfg.steps)
+    if probe is not None and run_dir is None:
+        raise ValueError("probes need an output folder (out=...)")
+    probe_meta = {k: v for k, v in run_meta.items() if not k.endswith("_version")}  # the store adds versions
+    session = Probe(model, run_dir, config=probe, meta=probe_meta) if probe is not None else None
+    try:
+        return _loop(model, optimizer, cfg, batches, val_batches, device, start, run_dir,
+                     [*observers, session] if session else list(observers), callback)
+    finally:
+        if session is not None:
+            session.close()
+
+
+def _loop(model: Transformer, optimizer: torch.optim.Optimizer, cfg: TrainConfig, batches: Batches,
+          val_batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device, start: int,
+          run_dir: Path | None, observers: Sequence[StepObserver],
+          callback: Callable[[StepInfo], None] | None) -> TrainResult:
 
     fwd = torch.compile(model) if cfg.compile else model
     params = [p for p in model.parameters() if p.requires_grad]

@@ -1,0 +1,72 @@
+"""``gpas-probe plot``, ``info`` and ``compare``: read runs' parquet, draw, summarise."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import typer
+from gpas_probe.cli.common import console, friendly_errors
+from rich.table import Table
+
+from gpas_probe.analysis.summary import compare_runs
+from gpas_probe.plots import FIGURES, make_figure, save_figure
+from gpas_probe.store import load_runs, run_info
+
+plot_app = typer.Typer(help="Render a figure from one or more runs (side by side).", no_args_is_help=True)
+
+FIGURE_HELP = {
+    "variance": "Residual-stream variance across layers, one line per recorded step (log scale).",
+    "heatmap": "Layer x step heatmap of log10 variance.",
+    "ratio": "Shortcut/branch RMS ratio by layer at the last step.",
+    "grad": "Gradient norms by layer: forward (activation) and backward (gradient) views.",
+    "gates": "GPAS gate scale 1 - SiLU(alpha) over training, one line per layer.",
+    "loss": "Training and validation loss curves.",
+}
+
+
+def _plot_command(kind: str):
+    @friendly_errors
+    def command(
+        runs: list[Path] = typer.Argument(..., help="Run folders (or their probes/ folders)."),
+        output: Path = typer.Option(..., "--output", "-o", help="Figure file: .png, .svg or .pdf."),
+    ) -> None:
+        fig = make_figure(kind, load_runs(runs))
+        save_figure(fig, output)
+        console.print(f"wrote {output}")
+
+    command.__doc__ = FIGURE_HELP.get(kind, kind)
+    return command
+
+
+for _kind in FIGURES:
+    plot_app.command(_kind)(_plot_command(_kind))
+
+
+def _fmt(v: object) -> str:
+    if isinstance(v, (float, np.floating)):
+        return "-" if v != v else f"{v:.4g}"
+    return str(v)
+
+
+def print_table(df, title: str) -> None:
+    table = Table(title=title)
+    table.add_column(df.index.name or "")
+    for col in df.columns:
+        table.add_column(str(col), justify="right")
+    for idx, row in zip(df.index, df.itertuples(index=False), strict=True):  # keeps each column's dtype
+        table.add_row(str(idx), *(_fmt(v) for v in row))
+    console.print(table)
+
+
+@friendly_errors
+def info_cmd(run: Path = typer.Argument(..., help="A run folder.")) -> None:
+    """Steps, layers, sites, statistics and size of a recorded run."""
+    for key, value in run_info(run).items():
+        console.print(f"[bold]{key}[/]: {value}", highlight=False)
+
+
+@friendly_errors
+def compare_cmd(runs: list[Path] = typer.Argument(..., help="Run folders.")) -> None:
+    """A table: final validation loss, top/bottom-layer variance ratio, deep shortcut/branch ratio, gates."""
+    print_table(compare_runs(load_runs(runs)), "runs compared")

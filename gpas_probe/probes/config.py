@@ -1,0 +1,69 @@
+"""What a probe records and when: :class:`ProbeConfig`."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+#: Statistic families, in the order their rows are written.
+FAMILIES = ("activations", "ratios", "params", "gpas", "model")
+#: Residual-stream sites recorded by the ``activations`` family (DESIGN §6).
+ACTIVATION_SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
+DIRECTIONS = ("fwd", "bwd")
+SCHEDULES = ("every", "log")
+
+
+def _check_subset(name: str, values: tuple[str, ...], allowed: tuple[str, ...]) -> None:
+    bad = [v for v in values if v not in allowed]
+    if bad:
+        raise ValueError(f"unknown {name} {bad}; choose from {', '.join(allowed)}")
+
+
+@dataclass
+class ProbeConfig:
+    """Which statistics to record, on which steps, and how often to write them.
+
+    ``schedule="every"`` records step 1 and every ``every``-th step; ``"log"`` records log-spaced
+    steps (``per_decade`` per decade: 1, 2, 3, 4, 5, 6, 8, 10, 13, ...) and also every ``every``-th
+    step when ``every > 0``. ``stats`` picks statistic families, ``sites`` the residual sites and
+    ``directions`` fwd (activations) and/or bwd (their gradients) of the ``activations`` family.
+    Position 0 of each sequence is included unless ``skip_first_position`` (its residual stream is
+    often an outlier, the attention sink).
+    """
+
+    every: int = 100
+    schedule: str = "every"
+    per_decade: int = 10
+    stats: tuple[str, ...] = FAMILIES
+    sites: tuple[str, ...] = ACTIVATION_SITES
+    directions: tuple[str, ...] = DIRECTIONS
+    skip_first_position: bool = False
+    flush_rows: int = 100_000
+    flush_steps: int = 50
+
+    def __post_init__(self) -> None:
+        self.stats, self.sites, self.directions = tuple(self.stats), tuple(self.sites), tuple(self.directions)
+        _check_subset("statistic families", self.stats, FAMILIES)
+        _check_subset("sites", self.sites, ACTIVATION_SITES)
+        _check_subset("directions", self.directions, DIRECTIONS)
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown probe schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
+        if self.every < 0 or (self.schedule == "every" and self.every == 0):
+            raise ValueError(f"probe every must be positive, got {self.every}")
+        if self.per_decade <= 0:
+            raise ValueError(f"per_decade must be positive, got {self.per_decade}")
+        if self.flush_rows <= 0 or self.flush_steps <= 0:
+            raise ValueError(f"flush_rows and flush_steps must be positive, got {self.flush_rows}, {self.flush_steps}")
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ProbeConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise ValueError(f"unknown ProbeConfig fields: {sorted(unknown)}")
+        return cls(**d)

@@ -1,0 +1,277 @@
+"""The probe session: arms hooks on scheduled steps, turns what they gather into rows, owns the writer.
+
+Two ways to drive it:
+
+- the training loop's observer protocol (:func:`gpas_probe.train.train` calls these):
+  ``begin_step(step)`` before the forward of update ``step``, ``after_backward(step)``,
+  ``end_step(info)`` after ``optimizer.step()``;
+- a user's own loop, told about a step only after it happened::
+
+      probe = attach(model, out="runs/x", every=100)
+      for step in range(1, n + 1):
+          ...forward, backward, optimizer.step(), zero_grad()...
+          probe.step(step, loss=loss)
+      probe.close()
+
+  ``step(s)`` finishes step ``s`` and arms the hooks for step ``s + 1`` when the schedule records it.
+
+An armed step owns every hook it registers and removes them when it ends; an unrecorded step runs
+with no hook on the model. Forward passes with gradients disabled (evaluation) are not recorded, and
+several forward/backward passes in one step (gradient accumulation) are pooled. Closing the session
+(or leaving its ``with`` block, also by an exception) removes every hook and writes what was recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import nn
+
+from gpas_probe.model.block import Block
+from gpas_probe.probes.config import ProbeConfig
+from gpas_probe.probes.recording import Recording
+from gpas_probe.probes.schedules import Every, Schedule, make_schedule
+from gpas_probe.probes.stats import (
+    ActivationStats,
+    GateStats,
+    ModelStats,
+    ParamStats,
+    ShortcutBranchStats,
+    StatFamily,
+)
+from gpas_probe.store import PROBES_DIR, MemoryWriter, ProbeWriter
+
+log = logging.getLogger(__name__)
+
+
+def find_blocks(model: nn.Module) -> list[Block]:
+    """The decoder layers of ``model`` (also inside wrappers such as DDP or torch.compile), by depth."""
+    blocks = sorted((m for m in model.modules() if isinstance(m, Block)), key=lambda b: b.layer)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no gpas_probe decoder layers (Block) to probe")
+    return blocks
+
+
+def _model_config(model: nn.Module) -> dict[str, Any] | None:
+    config = getattr(model, "config", None) or getattr(getattr(model, "module", None), "config", None)
+    to_dict = getattr(config, "to_dict", None)
+    return to_dict() if callable(to_dict) else None
+
+
+class Probe:
+    """Records the statistics of :class:`ProbeConfig` on the steps its schedule picks.
+
+    ``out`` is the run directory (rows go to ``out/probes/``); without it rows stay in memory and
+    :meth:`frame` returns them. ``schedule`` (a callable ``step -> bool``) overrides the config's.
+    ``meta`` (the caller's model/train configs) is stored with the rows. ``optimizer`` lets
+    :meth:`step` read the learning rate. ``model`` may be given later with :meth:`bind`.
+    """
+
+    def __init__(self, model: nn.Module | None = None, out: str | Path | None = None, *,
+                 config: ProbeConfig | None = None, schedule: Schedule | None = None, run_id: str | None = None,
+                 meta: dict[str, Any] | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
+        self.config = config or ProbeConfig()
+        self.schedule = schedule or make_schedule(self.config)
+        self.out = Path(out) if out is not None else None
+        self.run_id = run_id or (self.out.resolve().name if self.out is not None else "run")
+        self.optimizer = optimizer
+        self._meta = dict(meta or {})
+        self._families: list[StatFamily] = []
+        self._model_stats: ModelStats | None = None
+        self._writer: ProbeWriter | MemoryWriter | None = None
+        self._rec: Recording | None = None
+        self._exclude: torch.Tensor | None = None
+        self.model: nn.Module | None = None
+        self.closed = False
+        if model is not None:
+            self.bind(model)
+
+    # -- setup ---------------------------------------------------------------------------------
+    def bind(self, model: nn.Module) -> Probe:
+        """Attach to ``model`` (once); nothing is hooked until a step is armed."""
+        if self.model is not None:
+            raise RuntimeError("this probe is already bound to a model")
+        self._check_open()
+        blocks = find_blocks(model)
+        cfg = self.config
+        makers = {"activations": ActivationStats, "ratios": ShortcutBranchStats, "params": ParamStats,
+                  "gpas": GateStats}
+        self._families = [makers[name](blocks, cfg) for name in cfg.stats if name in makers]
+        if "model" in cfg.stats:
+            self._model_stats = ModelStats(model)
+            self._families.append(self._model_stats)
+        self.model = model
+        if self.out is not None:
+            meta = {"probe_config": cfg.to_dict(), **self._meta}
+            if "model_config" not in meta and (mc := _model_config(model)) is not None:
+                meta["model_config"] = mc
+            self._writer = ProbeWriter(self.out / PROBES_DIR, self.run_id, meta,
+                                       flush_rows=cfg.flush_rows, flush_steps=cfg.flush_steps)
+        else:
+            self._writer = MemoryWriter(self.run_id)
+        return self
+
+    def set_exclude_mask(self, exclude: torch.Tensor | None) -> None:
+        """Positions to leave out of the activation statistics from now on: a (batch, seq) boolean
+        tensor, True = excluded (e.g. ``labels == -100`` for padding); None includes every position."""
+        if exclude is not None and (exclude.dim() != 2 or exclude.dtype not in (torch.bool, torch.uint8)):
+            raise ValueError(f"the exclude mask must be a (batch, seq) boolean tensor, got {exclude.dtype} "
+                             f"of shape {tuple(exclude.shape)}")
+        self._exclude = exclude
+        if self._rec is not None:
+            self._rec.set_exclude(exclude)
+
+    # -- state ---------------------------------------------------------------------------------
+    @property
+    def recording_step(self) -> int | None:
+        """The step whose hooks are armed, or None."""
+        return self._rec.step if self._rec is not None else None
+
+    @property
+    def num_hooks(self) -> int:
+        """Hooks registered right now (0 between recorded steps)."""
+        return self._rec.num_hooks if self._rec is not None else 0
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("this probe is closed")
+
+    def _check_bound(self) -> None:
+        self._check_open()
+        if self.model is None:
+            raise RuntimeError("this probe has no model yet; pass one or call bind(model)")
+
+    def _arm(self, step: int) -> None:
+        self._disarm()
+        rec = Recording(step, self.config.skip_first_position, self._exclude)
+        self._rec = rec
+        try:
+            for family in self._families:
+                family.arm(rec)
+        except BaseException:
+            self._disarm()
+            raise
+
+    def _disarm(self) -> None:
+        if self._rec is not None:
+            self._rec.close()
+            self._rec = None
+
+    def _emit(self, step: int) -> Any:
+        writer = self._writer
+        assert writer is not None
+
+        def emit(layer: int, site: str, direction: str, stat: str, value: float) -> None:
+            writer.add(step, layer, site, direction, stat, value)
+
+        return emit
+
+    def _complete(self, step: int, info: dict[str, Any]) -> None:
+        """Finish the armed step as ``step`` (rows of every family), or write the model rows of an
+        unrecorded step that carries a validation loss."""
+        rec = self._rec
+        if rec is None:
+            if info.get("val_loss") is not None and self._model_stats is not None:
+                self._model_stats.host_rows(info, self._emit(step))
+                self._writer.end_step()  # type: ignore[union-attr]
+            return
+        if rec.step != step:
+            log.warning("probe armed for step %d was told step %d ended; recording it as step %d",
+                        rec.step, step, step)
+        try:
+            for family in self._families:
+                family.finish(rec, info)
+            values = rec.acc.collect()
+        finally:
+            self._disarm()
+        emit = self._emit(step)
+        for family in self._families:
+            family.rows(values, info, emit)
+        self._writer.end_step()  # type: ignore[union-attr]
+
+    # -- observer protocol (gpas_probe.train.train) ---------------------------------------------
+    def begin_step(self, step: int) -> None:
+        """Before the forward of update ``step``: arm the hooks if the schedule records it."""
+        self._check_bound()
+        if self._rec is not None and self._rec.step == step:
+            return
+        if self.schedule(step):
+            self._arm(step)
+        else:
+            self._disarm()
+
+    def after_backward(self, step: int) -> None:
+        """Nothing to do: parameter gradients are read by post-accumulate-grad hooks, before clipping."""
+
+    def end_step(self, info: Any) -> None:
+        """After ``optimizer.step()``: ``info`` is a :class:`gpas_probe.train.StepInfo`."""
+        self._check_bound()
+        values = {k: getattr(info, k, None) for k in ("loss", "val_loss", "lr", "grad_norm", "tokens")}
+        self._complete(info.step, values)
+
+    # -- drop-in API -----------------------------------------------------------------------------
+    def start(self, step: int = 1) -> Probe:
+        """Arm the hooks for the first step ``step`` if the schedule records it (:func:`attach` does)."""
+        self._check_bound()
+        if self.schedule(step):
+            self._arm(step)
+        return self
+
+    def step(self, step: int, *, loss: float | torch.Tensor | None = None, lr: float | None = None,
+             grad_norm: float | torch.Tensor | None = None, tokens: int | None = None,
+             val_loss: float | None = None) -> None:
+        """Call after ``optimizer.step()`` of update ``step``: records it if it was armed, then arms
+        step ``step + 1`` if the schedule records it. ``lr`` defaults to the optimizer's (first group);
+        ``grad_norm`` (before clipping) to the norm of all trainable parameters' gradients."""
+        self._check_bound()
+        if lr is None and self.optimizer is not None:
+            lr = float(self.optimizer.param_groups[0]["lr"])
+        info = {"loss": loss, "val_loss": val_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
+        self._complete(step, info)
+        if self.schedule(step + 1):
+            self._arm(step + 1)
+
+    # -- output ----------------------------------------------------------------------------------
+    def flush(self) -> None:
+        if self._writer is not None:
+            self._writer.flush()
+
+    def frame(self) -> pd.DataFrame:
+        """Every row recorded so far, as a DataFrame of the store's schema."""
+        if self._writer is None:
+            raise RuntimeError("this probe has no model yet; nothing was recorded")
+        return self._writer.frame()
+
+    def close(self) -> None:
+        """Remove every hook (an armed, unfinished step is dropped) and write the remaining rows."""
+        if self.closed:
+            return
+        self._disarm()
+        self.closed = True
+        if self._writer is not None:
+            self._writer.close()
+
+    def __enter__(self) -> Probe:
+        self._check_open()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def attach(model: nn.Module, out: str | Path | None = None, *, every: int = 100, schedule: Schedule | None = None,
+           config: ProbeConfig | None = None, optimizer: torch.optim.Optimizer | None = None, start: int = 1,
+           **kwargs: Any) -> Probe:
+    """A :class:`Probe` for a user's own loop, armed for step ``start``; call :meth:`Probe.step`
+    after each optimizer step and :meth:`Probe.close` at the end (or use it in a ``with`` block).
+
+    ``every`` sets the schedule unless ``schedule`` or ``config`` is given.
+    """
+    if schedule is None and config is None:
+        schedule = Every(every)
+    probe = Probe(model, out, config=config, schedule=schedule, optimizer=optimizer, **kwargs)
+    return probe.start(start)
