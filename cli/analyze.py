@@ -51,9 +51,10 @@ def _fmt(v: object) -> str:
 
 def print_table(df, title: str) -> None:
     table = Table(title=title)
-    table.add_column(df.index.name or "")
+    width = max([len(str(i)) for i in df.index] + [len(str(df.index.name or ""))])
+    table.add_column(df.index.name or "", no_wrap=True, min_width=width)
     for col in df.columns:
-        table.add_column(str(col), justify="right")
+        table.add_column(str(col), justify="right", overflow="fold")  # wrap, never truncate
     for idx, row in zip(df.index, df.itertuples(index=False), strict=True):  # keeps each column's dtype
         table.add_row(str(idx), *(_fmt(v) for v in row))
     console.print(table)
@@ -66,7 +67,21 @@ def info_cmd(run: Path = typer.Argument(..., help="A run folder.")) -> None:
         console.print(f"[bold]{key}[/]: {value}", highlight=False)
 
 
+#: Short column headers for the compare table (the DataFrame keeps the documented names).
+COMPARE_LABELS = {"final_val_loss": "val", "final_loss": "train", "steps": "steps",
+                  "top_bottom_var_ratio": "var ratio", "deep_ratio": "deep ratio",
+                  "gate_min": "gate min", "gate_max": "gate max"}
+COMPARE_LEGEND = ("val/train: final validation and training loss; var ratio: resid_post variance of the top layer "
+                  "/ the bottom layer; deep ratio: mean shortcut/branch RMS ratio over the deepest quarter; "
+                  "gate min/max: range of the GPAS scale 1 - SiLU(alpha) over layers (last step).")
+
+
+def print_compare(data, title: str) -> None:
+    print_table(compare_runs(data).rename(columns=COMPARE_LABELS), title)
+    console.print(COMPARE_LEGEND, style="dim", highlight=False)
+
+
 @friendly_errors
 def compare_cmd(runs: list[Path] = typer.Argument(..., help="Run folders.")) -> None:
     """A table: final validation loss, top/bottom-layer variance ratio, deep shortcut/branch ratio, gates."""
-    print_table(compare_runs(load_runs(runs)), "runs compared")
+    print_compare(load_runs(runs), "runs compared")

@@ -7,11 +7,10 @@ import shutil
 from pathlib import Path
 
 import typer
-from gpas_probe.cli.analyze import print_table
+from gpas_probe.cli.analyze import print_compare
 from gpas_probe.cli.common import console, friendly_errors, setup_logging
 from gpas_probe.cli.train import run_with_progress
 
-from gpas_probe.analysis.summary import compare_runs
 from gpas_probe.config import ModelConfig, NormScheme, TrainConfig, get_preset
 from gpas_probe.demo import DEMO_FIGURES, demo_probe_config, render_figures
 from gpas_probe.store import load_runs
@@ -45,6 +44,7 @@ def demo_cmd(
         runs.append(run_dir)
     data = load_runs(runs)
     figures = render_figures(data, out / "figures")
-    print_table(compare_runs(data), f"{norm.value} vs {norm.value}+GPAS, {preset} preset, {steps} steps")
+    title = f"{norm.value} vs {norm.value}+GPAS, {preset} preset, {steps} steps"
+    print_compare(data, title)
     console.print(f"runs: {', '.join(str(r) for r in runs)}")
     console.print(f"figures ({len(figures)}): {out / 'figures'}/" + "{" + ",".join(DEMO_FIGURES) + "}.png")
