@@ -1,0 +1,457 @@
+"""Evaluation data and ``gpas-probe profile``, against brute-force references (DESIGN §6, §7)."""
+
+from __future__ import annotations
+
+import inspect
+import itertools
+import json
+import math
+import random
+import shutil
+import sys
+import weakref
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+import typer
+from gpas_probe.cli.profile import profile_cmd
+from typer.testing import CliRunner
+
+from gpas_probe.analysis.importance import layer_importance, naive_deletion_importance, to_long
+from gpas_probe.checkpoint import find_checkpoints, load_checkpoint
+from gpas_probe.config import ModelConfig, TrainConfig, get_preset
+from gpas_probe.evaldata import EvalData, eval_batches, load_eval_data
+from gpas_probe.probes import ACTIVATION_SITES
+from gpas_probe.profile import PROFILE_FILE, checkpoint_groups, profile_checkpoint, profile_many, profile_model
+from gpas_probe.store import load_run, read_meta
+from gpas_probe.train import train
+
+WORDS = "the cat sat on a mat while dogs ran far away from home and birds sang loud songs".split()
+SEQ, BS, NB = 16, 2, 3  # evaluation windows of the brute-force tests
+runner = CliRunner()
+
+
+def _text(n_lines: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    return "\n".join(" ".join(rng.choice(WORDS) for _ in range(10)) for _ in range(n_lines))
+
+
+def _app() -> typer.Typer:
+    app = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
+
+    @app.callback()
+    def main() -> None:
+        """Test app."""
+
+    app.command("profile")(profile_cmd)
+    return app
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A tiny GPAS run trained by gpas_probe.train, with checkpoints at steps 2 and 4."""
+    root = tmp_path_factory.mktemp("train")
+    text = root / "train.txt"
+    text.write_text(_text(1500))
+    tc = TrainConfig(**{**get_preset("tiny").train, "steps": 4, "checkpoint_every": 2, "data": str(text),
+                        "device": "cpu"})
+    train(ModelConfig.from_preset("tiny", gpas=True), tc, root / "myrun")
+    return root / "myrun"
+
+
+@pytest.fixture(scope="module")
+def short_text(tmp_path_factory):
+    """70 bytes: 4 full windows of 16 targets and a tail of 5, so the last of 3 batches is padded."""
+    p = tmp_path_factory.mktemp("data") / "short.txt"
+    p.write_bytes(_text(5).encode()[:70])
+    return p
+
+
+# --------------------------------------------------------------------------------- evaluation data
+
+
+def _windows(tokens: np.ndarray, seq: int, rows: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Hand-made reference: window i = tokens[i*seq : i*seq + seq + 1], cut short at the end."""
+    out = []
+    for i in rows:
+        w = tokens[i * seq:i * seq + seq + 1]
+        out.append((w[:-1], w[1:]))
+    return out
+
+
+def _same(got: list, exp: list) -> bool:
+    return len(got) == len(exp) and all(np.array_equal(a, c) and np.array_equal(b, d)
+                                        for (a, b), (c, d) in zip(got, exp, strict=True))
+
+
+def _unbatch(batches) -> list[tuple[np.ndarray, np.ndarray]]:
+    rows = []
+    for ids, labels, mask in batches:
+        assert ids.dtype == labels.dtype == torch.int64 and mask.dtype == torch.bool
+        assert torch.equal(mask, labels != -100)
+        assert (ids[~mask] == 0).all()
+        for i in range(len(ids)):
+            m = mask[i]
+            assert m[: int(m.sum())].all()  # real tokens first, padding on the right
+            rows.append((ids[i][m].numpy(), labels[i][m].numpy()))
+    return rows
+
+
+def test_windows_spread_pad_and_count(tmp_path) -> None:
+    tokens = (np.arange(1000) * 7 % 997).astype(np.int32)
+    np.save(tmp_path / "t.npy", tokens)
+    data = load_eval_data(tmp_path / "t.npy", vocab_size=997)
+    # plenty of data: 6 of the 62 full windows, evenly spread (i * 62 // 6)
+    got = _unbatch(data.batches(3, 16, 2))
+    exp = _windows(tokens, 16, [i * 62 // 6 for i in range(6)])
+    assert len(got) == 6 and _same(got, exp)
+    # too little: every full window, then the 7-target tail padded, in ceil(63 / 4) batches
+    batches = list(data.batches(4, 16, 100))
+    got = _unbatch(batches)
+    exp = _windows(tokens, 16, list(range(63)))
+    assert len(got) == 63 and len(exp[-1][1]) == 999 - 62 * 16 == 7
+    assert _same(got, exp)
+    assert len(batches) == data.num_batches(4, 16, 100) == 16 and batches[-1][0].shape == (3, 16)
+    assert data.num_targets(4, 16, 100) == 999 == sum(int(b[2].sum()) for b in batches)
+    assert data.num_targets(3, 16, 2) == 6 * 16
+
+
+def test_eval_batches_is_lazy() -> None:
+    gen = eval_batches("builtin", vocab_size=256, batch_size=2, seq_len=8, batches=10**9)
+    assert inspect.isgenerator(gen)
+    first = list(itertools.islice(gen, 3))  # a billion batches asked for, three built
+    assert [b[0].shape for b in first] == [(2, 8)] * 3
+
+
+def _word_tokenizer(text: str):
+    tokenizers = pytest.importorskip("tokenizers")
+    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
+    tok.train_from_iterator([text], tokenizers.trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
+    return tok
+
+
+def test_bad_data_is_refused(tmp_path, monkeypatch) -> None:
+    np.save(tmp_path / "big.npy", np.array([1, 5, 300, 2]))
+    with pytest.raises(ValueError, match="token id 300 is beyond the model's vocabulary of 256"):
+        eval_batches(tmp_path / "big.npy", vocab_size=256, batch_size=1, seq_len=2, batches=1)
+    (tmp_path / "t.txt").write_text(_text(3))
+    with pytest.raises(ValueError, match="byte-level data needs a vocabulary of at least 256"):
+        load_eval_data(tmp_path / "t.txt", vocab_size=100)
+    tok = _word_tokenizer(_text(3))
+    tok.save(str(tmp_path / "tokenizer.json"))
+    n = tok.get_vocab_size()
+    with pytest.raises(ValueError, match="does not match the model"):
+        load_eval_data(tmp_path / "t.txt", tokenizer=tmp_path / "tokenizer.json", vocab_size=n - 1)
+    assert load_eval_data(tmp_path / "t.txt", tokenizer=tmp_path, vocab_size=n).kind == "tokenizer"
+    with pytest.raises(ValueError, match="applies only to text"):
+        load_eval_data(tmp_path / "big.npy", tokenizer=tok)
+    with pytest.raises(FileNotFoundError, match="data file not found"):
+        load_eval_data(tmp_path / "nope.txt")
+    (tmp_path / "one.txt").write_text("x")
+    with pytest.raises(ValueError, match="too few"):
+        load_eval_data(tmp_path / "one.txt")
+    with pytest.raises(ValueError, match="seq_len must be positive"):
+        eval_batches(tmp_path / "t.txt", vocab_size=256, batch_size=1, seq_len=0, batches=1)
+    monkeypatch.setitem(sys.modules, "tokenizers", None)  # as if the hf extra were not installed
+    with pytest.raises(ImportError, match=r'pip install "gpas-probe\[hf\]"'):
+        load_eval_data(tmp_path / "t.txt", tokenizer=tmp_path / "tokenizer.json")
+
+
+# ------------------------------------------------------------------------------ brute-force profile
+
+
+def _reference(model, rows: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[dict, float]:
+    """Statistics from each row run alone, unpadded, with our own hooks; gradients of the token-mean
+    loss over all rows. Keys (layer, site, direction, stat)."""
+    n_total = sum(len(labels) for _, labels in rows)
+    seen: dict[tuple, list[torch.Tensor]] = {}
+    handles = []
+    for block in model.layers:
+        for site in ACTIVATION_SITES:
+            def fwd(_m, _a, out, key=(block.layer, site)):
+                seen.setdefault(key + ("fwd",), []).append(out.detach()[0].double())
+                out.register_hook(lambda g: seen.setdefault(key + ("bwd",), []).append(g[0].double()))
+            handles.append(getattr(block, f"hook_{site}").register_forward_hook(fwd))
+    model.zero_grad(set_to_none=True)
+    loss_sum = 0.0
+    try:
+        for ids, labels in rows:
+            loss = F.cross_entropy(model(ids[None]).logits[0].float(), labels, reduction="sum")
+            (loss / n_total).backward()
+            loss_sum += float(loss.detach())
+    finally:
+        for h in handles:
+            h.remove()
+    ref = {}
+    for key, parts in seen.items():
+        x = torch.cat(parts)
+        ref[key + ("var",)] = float(x.var(-1, correction=0).mean())
+        ref[key + ("rms",)] = float(x.pow(2).mean().sqrt())
+        ref[key + ("absmax",)] = float(x.abs().max())
+    for block in model.layers:
+        sq = sum(float(p.grad.double().pow(2).sum()) for p in block.parameters() if p.grad is not None)
+        ref[(block.layer, "params", "none", "grad_norm")] = math.sqrt(sq)
+    ref[(-1, "model", "none", "grad_norm")] = math.sqrt(sum(float(p.grad.double().pow(2).sum())
+                                                            for p in model.parameters()))
+    model.zero_grad(set_to_none=True)
+    return ref, loss_sum / n_total
+
+
+def _values(frame: pd.DataFrame) -> pd.Series:
+    return frame.set_index(["layer", "site", "direction", "stat"])["value"]
+
+
+def test_profile_matches_brute_force_and_excludes_padding(run, short_text, tmp_path) -> None:
+    ckpt = find_checkpoints(run)[-1]
+    dest = profile_many([ckpt], tmp_path / "out", data=short_text, batches=NB, batch_size=BS, seq_len=SEQ,
+                        device="cpu")[0]
+    assert dest == tmp_path / "out" / "myrun"
+    frame = load_run(dest)
+    assert list(frame.columns) == ["run_id", "step", "layer", "site", "direction", "stat", "value"]
+    assert set(frame["step"]) == {4} and set(frame["run_id"]) == {"myrun"}  # the checkpoint's step
+    got = _values(frame)
+    assert got.index.is_unique
+
+    model = load_checkpoint(ckpt)
+    tokens = torch.tensor(list(short_text.read_bytes()))
+    rows = [(tokens[i:i + m], tokens[i + 1:i + 1 + m]) for i in range(0, 69, SEQ) if (m := min(SEQ, 69 - i))]
+    assert [len(r[1]) for r in rows] == [16, 16, 16, 16, 5]
+    ref, val_loss = _reference(model, rows)
+    assert len(ref) == 4 * 5 * 2 * 3 + 4 + 1
+    for key, value in ref.items():
+        assert got[key] == pytest.approx(value, rel=1e-4, abs=1e-12), key
+    assert got[(-1, "model", "none", "val_loss")] == pytest.approx(val_loss, rel=1e-5)
+    assert "update_ratio" not in set(frame["stat"])
+    assert {"shortcut_branch_ratio", "weight_norm", "alpha", "scale", "alpha_grad"} <= set(frame["stat"])
+
+    # importance: the rows of to_long, and deletion equal to delete-and-rerun on the same batches
+    data = load_eval_data(short_text)
+    naive = naive_deletion_importance(model, data.batches(BS, SEQ, NB))
+    keys = [(layer, "importance", "none", "deletion_delta") for layer in naive["layer"]]
+    assert got.loc[keys].tolist() == pytest.approx(naive["delta"].tolist(), rel=1e-5, abs=1e-6)
+    assert naive["base_loss"].iloc[0] == pytest.approx(val_loss, rel=1e-5)
+    imp = layer_importance(model, data.batches(BS, SEQ, NB), normalize_rows=True)
+    long = pd.concat([to_long(df, "myrun", 4) for df in imp.values()], ignore_index=True)
+    mine = frame[frame["stat"].isin(set(long["stat"]))]
+    assert len(mine) == len(long)
+    assert dict(mine.dtypes.astype(str)) == dict(long.dtypes.astype(str))
+    merged = long.merge(mine, on=["step", "layer", "site", "direction", "stat"], suffixes=("", "_got"))
+    assert len(merged) == len(long)
+    np.testing.assert_allclose(merged["value_got"], merged["value"], rtol=1e-6, atol=1e-9)
+
+    summary = json.loads((dest / PROFILE_FILE).read_text())
+    assert summary["checkpoints"][0]["step"] == 4 and summary["checkpoints"][0]["target_tokens"] == 69
+    meta = read_meta(dest)
+    assert meta["profile"]["checkpoints"][0]["config"]["gpas_probe"]["step"] == 4
+    assert meta["profile"]["data"]["source"] == str(short_text) and meta["model_config"]["gpas"] is True
+
+
+def test_padding_changes_nothing(run, short_text, tmp_path) -> None:
+    """The same real tokens, once in a padded batch and once in full rows only, give the same statistics."""
+    model = load_checkpoint(run)
+    tokens = np.frombuffer(short_text.read_bytes(), np.uint8)
+    padded = EvalData("padded", tokens, "bytes", "x")  # rows of 16, 16 | 16, 16 | 5 + padding
+    full = profile_model(model, EvalData("full", tokens[:65], "bytes", "x"), batches=2, batch_size=2, seq_len=SEQ,
+                         importance=False)
+    tail = profile_model(model, EvalData("tail", tokens[64:], "bytes", "x"), batches=1, batch_size=1, seq_len=5,
+                         importance=False)
+    both = profile_model(model, padded, batches=3, batch_size=2, seq_len=SEQ, importance=False)
+    # max over the two parts must be the max over all; the padded row's zeros must not enter
+    a, b, c = _values(full), _values(tail), _values(both)
+    absmax = [k for k in c.index if k[3] == "absmax" and k[2] == "fwd"]
+    assert [c[k] for k in absmax] == pytest.approx([max(a[k], b[k]) for k in absmax], rel=1e-6)
+    # the token-weighted mean of var over 64 + 5 tokens (fwd activations do not depend on the loss scale)
+    var = [k for k in c.index if k[3] == "var" and k[2] == "fwd"]
+    assert [c[k] for k in var] == pytest.approx([(64 * a[k] + 5 * b[k]) / 69 for k in var], rel=1e-5)
+
+
+def test_profile_streams_batches(run, short_text, monkeypatch) -> None:
+    model = load_checkpoint(run)
+    data = load_eval_data(short_text)
+    real = EvalData.batches
+    alive: list[int] = []
+    refs: list[weakref.ref] = []
+
+    def tracked(self, *args):
+        for batch in real(self, *args):
+            alive.append(sum(r() is not None for r in refs))  # earlier batches still in memory
+            refs.append(weakref.ref(batch[0]))
+            yield batch
+
+    monkeypatch.setattr(EvalData, "batches", tracked)
+    frame = profile_model(model, data, batches=12, batch_size=1, seq_len=4)
+    assert len(refs) == 2 * 12  # one pass for the statistics, one for importance
+    assert max(alive) <= 1
+    assert len(frame) > 0
+
+
+def test_steps_of_a_run_share_one_folder(run, short_text, tmp_path) -> None:
+    seen = []
+    out = tmp_path / "out"
+    dest = profile_many([run], out, data=short_text, batches=1, batch_size=2, seq_len=SEQ, device="cpu",
+                        callback=seen.append)
+    assert dest == [out / "myrun"]
+    frame = load_run(dest[0])
+    assert sorted(frame["step"].unique()) == [2, 4]
+    per_step = frame.groupby("step").size()
+    assert per_step[2] == per_step[4]
+    assert [e.completed for e in seen] == list(range(1, 5)) and {e.total for e in seen} == {4}
+    assert [e.step for e in seen] == [2, 2, 4, 4]
+    assert [p.name for p in out.iterdir()] == ["myrun"]  # no temporary folder left behind
+    # a step checkpoint joins its run's folder; --latest and a run folder take the last step only
+    groups = checkpoint_groups([run / "checkpoints" / "step_000002", run], latest=True)
+    assert {k: [p.name for p in v] for k, v in groups.items()} == {"myrun": ["step_000002", "step_000004"]}
+    with pytest.raises(FileExistsError, match="already exists"):
+        profile_checkpoint(run, out, data=short_text)
+    one = profile_checkpoint(run, out, data=short_text, batches=1, batch_size=2, seq_len=SEQ, overwrite=True,
+                             run_id="latest", importance=False)
+    frame = load_run(one)
+    assert set(frame["step"]) == {4} and "importance" not in set(frame["site"])
+    assert frame.query("stat == 'val_loss'").shape[0] == 1
+
+
+def test_folder_of_step_checkpoints_and_name_clashes(run, short_text, tmp_path) -> None:
+    steps = tmp_path / "steps"
+    for ckpt in find_checkpoints(run):
+        shutil.copytree(ckpt, steps / ckpt.name, ignore=shutil.ignore_patterns("trainer_state.pt"))
+    dest = profile_many([steps], tmp_path / "out", data=short_text, batches=1, batch_size=1, seq_len=8,
+                        activations=False)[0]
+    frame = load_run(dest)
+    assert dest.name == "steps" and sorted(frame["step"].unique()) == [2, 4]
+    assert set(frame["site"]) - {"importance", "model"} == {f"angular_n{n}" for n in range(1, 5)}
+    other = tmp_path / "elsewhere" / "steps"
+    shutil.copytree(steps, other)
+    with pytest.raises(ValueError, match="would both be profiled as run 'steps'"):
+        checkpoint_groups([steps, other])
+    with pytest.raises(ValueError, match="no CUDA device|unknown device"):
+        profile_many([steps], tmp_path / "o2", data=short_text, device="cuda:0" if not torch.cuda.is_available()
+                     else "nonsense")
+    with pytest.raises(ValueError, match="nothing to profile"):
+        profile_many([steps], tmp_path / "o2", importance=False, activations=False)
+    with pytest.raises(ValueError, match="invalid run id"):
+        profile_many([steps], tmp_path / "o2", run_id="a/b")
+    (tmp_path / "o2" / "steps").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match="not a profile folder"):
+        profile_many([steps], tmp_path / "o2", overwrite=True)
+
+
+# ---------------------------------------------------------------------------- Hugging Face + tokenizer
+
+
+def test_hf_checkpoint_with_its_tokenizer(tmp_path) -> None:
+    transformers = pytest.importorskip("transformers")
+    text = _text(40, seed=1)
+    tok = _word_tokenizer(text)
+    vocab = tok.get_vocab_size()
+    ckpt = tmp_path / "hf-llama"
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=vocab + 3, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    hf.save_pretrained(ckpt)
+    tok.save(str(ckpt / "tokenizer.json"))
+    (tmp_path / "eval.txt").write_text(text)
+
+    dest = profile_checkpoint(ckpt, tmp_path / "out", data=tmp_path / "eval.txt", batches=2, batch_size=2,
+                              seq_len=SEQ, device="cpu")
+    frame = load_run(dest)
+    assert dest.name == "hf-llama" and set(frame["step"]) == {0}  # the step is unknown
+    assert json.loads((dest / PROFILE_FILE).read_text())["checkpoints"][0]["tokenizer"] == str(ckpt / "tokenizer.json")
+    ids = torch.tensor(tok.encode(text, add_special_tokens=False).ids)
+    full = (len(ids) - 1) // SEQ  # 4 windows of the full ones, evenly spread
+    starts = [i * full // 4 * SEQ for i in range(4)]
+    x = torch.stack([ids[s:s + SEQ] for s in starts])
+    y = torch.stack([ids[s + 1:s + SEQ + 1] for s in starts])
+    with torch.no_grad():
+        ref = F.cross_entropy(hf(input_ids=x).logits.flatten(0, 1).float(), y.flatten())
+    got = frame.query("stat == 'val_loss'")["value"]
+    assert len(got) == 1 and got.iloc[0] == pytest.approx(float(ref), rel=1e-5)
+    assert frame.query("site == 'resid_post' and direction == 'bwd'")["layer"].nunique() == 2
+
+    big = tmp_path / "small-vocab"
+    cfg.vocab_size = vocab - 1
+    transformers.LlamaForCausalLM(cfg).save_pretrained(big)
+    tok.save(str(big / "tokenizer.json"))
+    with pytest.raises(ValueError, match="does not match the model"):
+        profile_checkpoint(big, tmp_path / "out", data=tmp_path / "eval.txt")
+    assert not (tmp_path / "out" / "small-vocab").exists()
+
+
+# -------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_profile_end_to_end(run, short_text, tmp_path) -> None:
+    out = tmp_path / "profiles"
+    args = ["profile", str(run), "--out", str(out), "--data", str(short_text), "--batches", "2",
+            "--batch-size", "2", "--seq-len", str(SEQ)]
+    res = runner.invoke(_app(), args)
+    assert res.exit_code == 0, res.output
+    assert "profiled 2 checkpoint(s) (step 2, 4)" in res.output
+    frame = load_run(out / "myrun")
+    assert sorted(frame["step"].unique()) == [2, 4]
+    imp = frame[frame["site"].str.startswith(("importance", "angular_n"))]
+    assert set(imp["stat"]) == {"deletion_delta", "deletion_loss", "block_influence", "angular_distance",
+                                "angular_distance_norm"}
+    assert (imp["direction"] == "none").all() and imp["layer"].between(0, 3).all()
+    res = runner.invoke(_app(), args)
+    assert res.exit_code == 2 and "already exists" in res.output and "Traceback" not in res.output
+    assert runner.invoke(_app(), args + ["--overwrite", "--latest", "--dtype", "bf16"]).exit_code == 0
+    assert set(load_run(out / "myrun")["step"]) == {4}
+
+
+def _bad(kind: str, src, tmp_path):
+    bad = tmp_path / "bad"
+    if kind == "nonexistent":
+        return bad
+    shutil.copytree(src, bad)
+    (bad / "trainer_state.pt").unlink()
+    config = json.loads((bad / "config.json").read_text())
+    if kind == "no-config":
+        (bad / "config.json").unlink()
+    elif kind == "no-weights":
+        (bad / "model.safetensors").unlink()
+    elif kind == "truncated":
+        blob = (bad / "model.safetensors").read_bytes()
+        (bad / "model.safetensors").write_bytes(blob[: len(blob) // 2])
+    elif kind == "shapes":
+        config["gpas_probe"]["model_config"]["intermediate_size"] = 96
+        (bad / "config.json").write_text(json.dumps(config))
+    elif kind == "architecture":
+        config = {k: v for k, v in config.items() if k != "gpas_probe"}
+        config.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
+        (bad / "config.json").write_text(json.dumps(config))
+    elif kind == "bad-json":
+        (bad / "config.json").write_text("{not json")
+    return bad
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("nonexistent", "checkpoint not found"),
+    ("no-config", "no config.json"),
+    ("no-weights", "missing model.safetensors"),
+    ("truncated", "unreadable weights"),
+    ("shapes", "the config implies"),
+    ("architecture", "is not supported natively"),
+    ("bad-json", "not valid JSON"),
+    ("vocab", "token id 300 is beyond the model's vocabulary of 256"),
+])
+def test_cli_bad_input_is_one_line(run, short_text, tmp_path, kind, message) -> None:
+    data = short_text
+    if kind == "vocab":
+        data = tmp_path / "ids.npy"
+        np.save(data, np.arange(301))
+        ckpt = run
+    else:
+        ckpt = _bad(kind, find_checkpoints(run)[-1], tmp_path)
+    out = tmp_path / "out"
+    res = runner.invoke(_app(), ["profile", str(ckpt), "--out", str(out), "--data", str(data),
+                                 "--batches", "1", "--batch-size", "1", "--seq-len", "8"])
+    assert res.exit_code == 2, res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], res.output
+    assert "Traceback" not in res.output
+    assert not out.exists()  # nothing written
