@@ -22,6 +22,9 @@ FIGURE_HELP = {
     "grad": "Gradient norms by layer: forward (activation) and backward (gradient) views.",
     "gates": "GPAS gate scale 1 - SiLU(alpha) over training, one line per layer.",
     "loss": "Training and validation loss curves.",
+    "importance": "Layer importance (deletion cost, block influence) as bars per layer, runs side by side.",
+    "angular": "Angular distance between h_l and h_(l+n) as the Mix-LN triangle heatmap, one per run.",
+    "importance-steps": "Deletion cost by layer and profiled checkpoint step, one heatmap per run.",
 }
 
 

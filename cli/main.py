@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 from gpas_probe.cli.analyze import compare_cmd, info_cmd, plot_app
 from gpas_probe.cli.demo import demo_cmd
+from gpas_probe.cli.diagnose import diagnose_cmd
 from gpas_probe.cli.profile import profile_cmd
 from gpas_probe.cli.train import train_cmd
 
@@ -38,6 +39,7 @@ app.add_typer(plot_app, name="plot")
 app.command("info")(info_cmd)
 app.command("compare")(compare_cmd)
 app.command("profile")(profile_cmd)
+app.command("diagnose")(diagnose_cmd)
 
 if __name__ == "__main__":
     app()

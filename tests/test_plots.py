@@ -302,7 +302,14 @@ PANELS = {"variance": lambda n: n, "heatmap": lambda n: n, "ratio": lambda n: 2,
           "gates": lambda n: n, "loss": lambda n: 1}
 
 
-@pytest.mark.parametrize("kind", sorted(FIGURES))
+PROFILE_KINDS = {"importance", "angular", "importance-steps"}  # need profile rows: tests/test_plots_importance.py
+
+
+def test_every_figure_kind_is_tested():
+    assert set(FIGURES) == set(PANELS) | PROFILE_KINDS
+
+
+@pytest.mark.parametrize("kind", sorted(PANELS))
 @pytest.mark.parametrize("runs", [["gpas"], ["pre", "gpas"]])
 def test_make_figure_every_kind_for_one_and_two_runs(two_runs, kind, runs):
     fig = make_figure(kind, two_runs, runs=runs)

@@ -12,6 +12,10 @@ Axes (a run without gates is normal). Comparison views name the runs without dat
 one run has data. Figure-level functions give a run without data an annotated empty panel and raise
 ``MissingDataError`` only when no run has the data (the ``gates`` figure never raises for missing gates).
 
+Layer importance (rows written by ``gpas-probe profile``): ``importance_bars`` (bars per layer, runs side by
+side), ``angular_heatmap`` (the Mix-LN triangle, ``run=``) and ``importance_over_training`` (layer ×
+checkpoint step, ``run=``); a run never profiled raises ``MissingDataError`` saying to run the profile first.
+
 Large tables: every function filters one column at a time and averages duplicates with a groupby
 before drawing, so matplotlib only ever sees a few hundred points per line. Nothing here changes global
 matplotlib or seaborn state (no style, theme or rcParams changes); the caller closes the figures.
@@ -21,6 +25,8 @@ from gpas_probe.plots._frame import MissingDataError
 from gpas_probe.plots.depth import grad_norm, shortcut_ratio, variance_growth, variance_heatmap
 from gpas_probe.plots.dynamics import gates, loss_curves
 from gpas_probe.plots.figures import FIGURES, compare_figure, make_figure, save_figure
+from gpas_probe.plots.importance import angular_heatmap, importance_bars, importance_over_training
 
-__all__ = ["FIGURES", "MissingDataError", "compare_figure", "gates", "grad_norm", "loss_curves", "make_figure",
-           "save_figure", "shortcut_ratio", "variance_growth", "variance_heatmap"]
+__all__ = ["FIGURES", "MissingDataError", "angular_heatmap", "compare_figure", "gates", "grad_norm", "importance_bars",
+           "importance_over_training", "loss_curves", "make_figure", "save_figure", "shortcut_ratio", "variance_growth",
+           "variance_heatmap"]

@@ -28,6 +28,16 @@ from gpas_probe.plots._frame import (
 )
 from gpas_probe.plots.depth import grad_norm, shortcut_ratio, variance_growth, variance_heatmap
 from gpas_probe.plots.dynamics import _layer_norm, gate_table, gates, loss_curves
+from gpas_probe.plots.importance import (
+    IMPORTANCE_SITE,
+    PROFILE_HINT,
+    angular_heatmap,
+    colorbar_ticks,
+    importance_bars,
+    importance_label,
+    importance_over_training,
+    symlog_norm,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -204,6 +214,85 @@ def loss_figure(data: pd.DataFrame, runs: Iterable[str] | None = None, *, smooth
     return fig
 
 
+def _profiled(sub: pd.DataFrame, runs: list[str], what: str) -> pd.DataFrame:
+    if sub.empty:
+        raise MissingDataError(f"no run has {what} (runs: {runs}); {PROFILE_HINT}")
+    return sub
+
+
+def importance_figure(data: pd.DataFrame, runs: Iterable[str] | None = None, *,
+                      stats: Iterable[str] = ("deletion_delta", "block_influence"), step: int | None = None) -> Figure:
+    """One ``importance_bars`` panel per importance statistic (default deletion cost and block influence),
+    every run side by side in each panel. A statistic no run has is left as an annotated panel; if no run
+    was profiled, ``MissingDataError`` telling the user to run ``gpas-probe profile``."""
+    check_frame(data)
+    runs = resolve_runs(data, runs)
+    stats = list(stats)
+    sub = _profiled(blocks(select(data, site=IMPORTANCE_SITE, stat=stats, run_id=runs)), runs,
+                    f"layer-importance rows ({', '.join(stats)})")
+    present = [s for s in stats if (sub["stat"] == s).any()]
+    num_layers = int(sub["layer"].max()) + 1
+    width = min(14.0, max(7.0, 0.3 * num_layers * max(1.0, len(runs) / 2) + 2))
+    fig, grid = plt.subplots(len(present), 1, figsize=(width, 3.4 * len(present)), squeeze=False, sharex=True,
+                             layout="constrained")
+    axes = list(grid[:, 0])
+    for ax, stat in zip(axes, present, strict=True):
+        try:
+            importance_bars(sub, ax=ax, stat=stat, runs=runs, step=step, legend=len(runs) > 1)
+        except MissingDataError:
+            plt.close(fig)
+            raise
+        ax.set_title(importance_label(stat).split(" (")[0] + f", {ax.get_title()}", fontsize="medium")
+        if ax is not axes[-1]:
+            ax.set_xlabel("")
+    fig.suptitle("which layers matter? (higher = the model needs the layer more)")
+    return fig
+
+
+def angular_figure(data: pd.DataFrame, runs: Iterable[str] | None = None, *, normalized: bool = True,
+                   step: int | None = None, cmap: str = "viridis") -> Figure:
+    """One ``angular_heatmap`` triangle per run (Mix-LN style) with one shared colour scale and colorbar."""
+    check_frame(data)
+    runs = resolve_runs(data, runs)
+    sub = blocks(select(data, stat=["angular_distance", "angular_distance_norm"], run_id=runs))
+    sub = _profiled(sub[np.asarray(sub["site"].astype(str).str.startswith("angular_n"), dtype=bool)], runs,
+                    "angular-distance rows")
+    vmin, vmax = (0.0, 1.0) if normalized else (float(sub["value"].min()), float(sub["value"].max()))
+    fig, axes = _panels(len(runs), width=5.0, height=4.4)
+    _per_run(fig, axes, runs,
+             lambda ax, run: angular_heatmap(sub, ax=ax, run=run, normalized=normalized, step=step, cmap=cmap,
+                                             vmin=vmin, vmax=vmax, colorbar=False),
+             lambda run: f"no angular distances: {PROFILE_HINT}")
+    label = "angular distance, min-max per n" if normalized else "angular distance arccos(cos)/π"
+    mappable = ScalarMappable(cmap=sns.color_palette(cmap, as_cmap=True), norm=plt.Normalize(vmin, vmax))
+    fig.colorbar(mappable, ax=axes, label=label, shrink=0.9)
+    fig.suptitle(r"angular distance between $h_l$ and $h_{l+n}$ (dark: the block changes the stream least)")
+    return fig
+
+
+def importance_steps_figure(data: pd.DataFrame, runs: Iterable[str] | None = None, *,
+                            stat: str = "deletion_delta", cmap: str = "viridis", log: bool = True) -> Figure:
+    """One ``importance_over_training`` layer × checkpoint-step heatmap per run, one shared colour scale
+    (symmetric-log unless ``log=False``)."""
+    check_frame(data)
+    runs = resolve_runs(data, runs)
+    sub = _profiled(blocks(select(data, stat=stat, site=IMPORTANCE_SITE, run_id=runs)), runs,
+                    f"{stat!r} layer-importance rows")
+    values = mean_by(sub, ["run_id", "step", "layer"])["value"].to_numpy()
+    vmin, vmax = float(np.nanmin(values)), float(np.nanmax(values))
+    norm = symlog_norm(values) if log else plt.Normalize(vmin, vmax)
+    fig, axes = _panels(len(runs), width=5.0, height=4.4)
+    _per_run(fig, axes, runs,
+             lambda ax, run: importance_over_training(sub, ax=ax, run=run, stat=stat, cmap=cmap, vmin=vmin,
+                                                      vmax=vmax, log=log, colorbar=False),
+             lambda run: f"no layer importance: {PROFILE_HINT}")
+    mappable = ScalarMappable(cmap=sns.color_palette(cmap, as_cmap=True), norm=norm)
+    fig.colorbar(mappable, ax=axes, label=importance_label(stat) + (", symlog scale" if log else ""), shrink=0.9,
+                 **colorbar_ticks(norm))
+    fig.suptitle("layer importance over training, one column per profiled checkpoint")
+    return fig
+
+
 FIGURES: dict[str, Callable[..., Figure]] = {
     "variance": variance_figure,
     "heatmap": heatmap_figure,
@@ -211,6 +300,9 @@ FIGURES: dict[str, Callable[..., Figure]] = {
     "grad": grad_figure,
     "gates": gates_figure,
     "loss": loss_figure,
+    "importance": importance_figure,
+    "angular": angular_figure,
+    "importance-steps": importance_steps_figure,
 }
 
 

@@ -1,0 +1,376 @@
+"""``diagnose``: the verdict and per-layer flags against a brute-force reading of the documented rule, the
+growth fit against numpy.polyfit, missing signals, threshold overrides, JSON, real tables from a trained
+tiny model plus its layer importance, and the ``gpas-probe diagnose`` command."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import typer
+from gpas_probe.cli.diagnose import diagnose_cmd
+from typer.testing import CliRunner
+
+from gpas_probe import ModelConfig, TrainConfig, build_model, train
+from gpas_probe.analysis.diagnose import SIGNALS, Diagnosis, Thresholds, diagnose, diagnose_runs, fit_growth
+from gpas_probe.analysis.importance import layer_importance, to_long
+from gpas_probe.probes import ProbeConfig
+from gpas_probe.store import ARROW_SCHEMA, load_run
+
+L = 8
+
+
+def _rows(run: str, step: int, layer, site: str, direction: str, stat: str, value) -> pd.DataFrame:
+    value = np.asarray(value, dtype=float)
+    layer = np.broadcast_to(np.asarray(layer), value.shape)
+    return pd.DataFrame({"run_id": run, "step": step, "layer": layer, "site": site, "direction": direction,
+                         "stat": stat, "value": value}).astype({"step": "int64", "layer": "int16"})
+
+
+def table(run: str = "r", step: int = 100, *, var=None, ratio=None, grad=None, deletion=None, angular=None,
+          influence=None, loss: float = 3.0) -> pd.DataFrame:
+    """A long table with the given per-layer evidence (None leaves a signal out) and a model loss row."""
+    layers = np.arange(L)
+    parts = [_rows(run, step, -1, "model", "none", "loss", [loss])]
+    if var is not None:
+        parts.append(_rows(run, step, layers, "resid_post", "fwd", "var", var))
+        parts.append(_rows(run, step, layers, "resid_post", "bwd", "var", np.full(L, 1e-6)))  # must be ignored
+    if ratio is not None:  # attn and mlp straddle the given mean
+        parts.append(_rows(run, step, layers, "attn", "fwd", "shortcut_branch_ratio", np.asarray(ratio) * 0.8))
+        parts.append(_rows(run, step, layers, "mlp", "fwd", "shortcut_branch_ratio", np.asarray(ratio) * 1.2))
+    if grad is not None:
+        parts.append(_rows(run, step, layers, "params", "none", "grad_norm", grad))
+    if deletion is not None:
+        parts.append(_rows(run, step, layers, "importance", "none", "deletion_delta", deletion))
+    if angular is not None:
+        parts.append(_rows(run, step, layers, "angular_n1", "none", "angular_distance", angular))
+        parts.append(_rows(run, step, layers[:-1], "angular_n2", "none", "angular_distance",
+                           np.full(L - 1, 0.001)))  # other block sizes must be ignored
+    if influence is not None:
+        parts.append(_rows(run, step, layers, "importance", "none", "block_influence", influence))
+    return pd.concat(parts, ignore_index=True)
+
+
+def underused_table(run: str = "sick", step: int = 100) -> pd.DataFrame:
+    """Pre-LN at its worst: exponential variance, drowned deep branches, deep layers near-identity and free."""
+    deep = np.arange(L) >= L // 2
+    return table(run, step, var=2.0 ** np.arange(L), ratio=2 + 4.0 * np.arange(L),
+                 grad=np.where(deep, 0.1, 1.0), deletion=np.where(deep, 0.001, 0.5),
+                 angular=np.where(deep, 0.01, 0.2), influence=np.where(deep, 1e-4, 0.05))
+
+
+def healthy_table(run: str = "fine", step: int = 100) -> pd.DataFrame:
+    rng = np.random.default_rng(0)
+    return table(run, step, var=1.0 + 0.05 * rng.random(L), ratio=np.full(L, 2.0), grad=1.0 + 0.1 * rng.random(L),
+                 deletion=0.3 + 0.05 * rng.random(L), angular=0.2 + 0.02 * rng.random(L),
+                 influence=np.full(L, 0.05))
+
+
+# ------------------------------------------------------------------------------------------- verdicts
+
+
+def test_constructed_underuse_is_found_in_every_signal() -> None:
+    d = diagnose(underused_table())
+    assert isinstance(d, Diagnosis) and d.verdict == "underuse" and d.underused and d.run_id == "sick"
+    deep = d.layers[d.layers["layer"] >= L // 2]
+    for s in ("ratio", "grad", "deletion", "angular"):
+        assert deep[f"flag_{s}"].all(), s
+    assert deep["underused"].all() and (deep["signals"] == 5).all()
+    assert not d.layers.loc[d.layers["layer"] < 2, "underused"].any()
+    assert d.summary["fraction_underused"] == 1.0
+    assert d.summary["deep_layers"] == list(range(L // 2, L))
+    assert d.summary["signals_used"] == list(SIGNALS) and d.summary["signals_missing"] == {}
+    assert d.summary["growth_factor"] == pytest.approx(2.0)
+    assert d.summary["flags_needed"] == 3
+    np.testing.assert_allclose(d.layers["ratio"], 2 + 4.0 * np.arange(L))  # mean of attn and mlp
+    np.testing.assert_allclose(d.layers["var_rel"], 2.0 ** np.arange(L))
+
+
+def test_healthy_profile_is_ok_without_flags() -> None:
+    d = diagnose(healthy_table())
+    assert d.verdict == "ok" and not d.underused
+    assert d.layers["flags"].sum() == 0 and not d.layers["underused"].any()
+    assert d.summary["fraction_underused"] == 0.0 and d.summary["underused_layers"] == []
+    assert abs(d.summary["growth_rate"]) < 0.05
+
+
+def test_growth_fit_matches_polyfit() -> None:
+    rng = np.random.default_rng(3)
+    var = np.exp(0.3 + 0.17 * np.arange(L) + 0.2 * rng.standard_normal(L))
+    d = diagnose(table(var=var))
+    slope, intercept = np.polyfit(np.arange(L), np.log(var), 1)
+    r2 = np.corrcoef(np.arange(L), np.log(var))[0, 1] ** 2
+    assert d.summary["growth_rate"] == pytest.approx(slope, rel=1e-9)
+    assert d.summary["growth_intercept"] == pytest.approx(intercept, rel=1e-9)
+    assert d.summary["growth_factor"] == pytest.approx(math.exp(slope), rel=1e-9)
+    assert d.summary["growth_r2"] == pytest.approx(r2, rel=1e-9)
+    b, _, _ = fit_growth(np.arange(L), np.where(np.arange(L) == 3, -1.0, var))  # non-positive values skipped
+    keep = np.arange(L) != 3
+    assert b == pytest.approx(np.polyfit(np.arange(L)[keep], np.log(var[keep]), 1)[0], rel=1e-9)
+    assert math.isnan(fit_growth(np.array([0]), np.array([1.0]))[0])
+
+
+def _reference(ev: dict[str, np.ndarray], th: Thresholds) -> tuple[list[dict[str, bool]], list[bool], str]:
+    """The documented rule, layer by layer with plain Python."""
+    grad_base = statistics.median(ev["grad"][i] for i in range(L) if i < L // 2)
+    med_del = statistics.median(ev["deletion"])
+    med_ang = statistics.median(ev["angular"])
+    flags, under = [], []
+    for i in range(L):
+        f = {
+            "variance": ev["var"][i] / ev["var"][0] > th.max_var_rel,
+            "ratio": ev["ratio"][i] > th.max_ratio,
+            "grad": ev["grad"][i] / grad_base < th.min_grad_rel,
+            "deletion": ev["deletion"][i] < th.min_deletion or ev["deletion"][i] < th.min_deletion_rel * med_del,
+            "angular": ev["angular"][i] < th.min_angular or ev["angular"][i] < th.min_angular_rel * med_ang,
+        }
+        flags.append(f)
+        needed = th.min_flags if th.min_flags is not None else 3  # majority of 5
+        under.append(sum(f.values()) >= needed)
+    deep = under[L // 2:]
+    verdict = "underuse" if any(deep) and sum(deep) / len(deep) >= th.min_fraction else "ok"
+    return flags, under, verdict
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_flags_and_verdict_follow_the_documented_rule(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    ev = {"var": np.exp(rng.uniform(0, 3, L)), "ratio": rng.uniform(1, 20, L), "grad": rng.uniform(0.1, 2, L),
+          "deletion": rng.uniform(-0.01, 0.2, L), "angular": rng.uniform(0.0, 0.15, L)}
+    th = Thresholds(min_fraction=float(rng.choice([0.25, 0.5, 0.75])), min_flags=[None, 2, 4][seed % 3])
+    d = diagnose(table(var=ev["var"], ratio=ev["ratio"], grad=ev["grad"], deletion=ev["deletion"],
+                       angular=ev["angular"]), th)
+    flags, under, verdict = _reference(ev, th)
+    for s in SIGNALS:
+        assert d.layers[f"flag_{s}"].tolist() == [f[s] for f in flags], s
+    assert d.layers["underused"].tolist() == under
+    assert d.layers["flags"].tolist() == [sum(f.values()) for f in flags]
+    assert d.verdict == verdict
+
+
+def test_relative_thresholds_use_the_median_layer() -> None:
+    values = np.array([5.0, 0.4, 0.4, 0.4, 0.08, 0.08, 0.08, 0.05])  # median 0.24, mean 0.82
+    th = Thresholds(min_deletion=0.0, min_deletion_rel=0.25, min_angular=0.0, min_angular_rel=0.25)
+    d = diagnose(table(deletion=values, angular=values), th)
+    expected = (values < 0.25 * 0.24).tolist()
+    assert expected == [False] * 7 + [True]
+    assert d.layers["flag_deletion"].tolist() == expected and d.layers["flag_angular"].tolist() == expected
+    d = diagnose(table(deletion=values), Thresholds(min_deletion=0.1, min_deletion_rel=0.0))
+    assert d.layers["flag_deletion"].tolist() == (values < 0.1).tolist()  # the absolute floor alone
+
+
+# ------------------------------------------------------------------------------------- missing signals
+
+
+def test_training_run_has_no_importance_and_says_so() -> None:
+    deep = np.arange(L) >= L // 2
+    d = diagnose(table(var=4.0 ** np.arange(L), ratio=np.where(deep, 30.0, 2.0), grad=np.ones(L)))
+    assert d.summary["signals_used"] == ["variance", "ratio", "grad"]
+    assert set(d.summary["signals_missing"]) == {"deletion", "angular"}
+    assert d.summary["flags_needed"] == 2 and (d.layers["signals"] == 3).all()
+    assert d.layers["deletion_delta"].isna().all() and not d.layers["flag_deletion"].any()
+    assert d.verdict == "underuse"  # variance and ratio fire in the deep half
+    assert d.layers.loc[deep, "underused"].all()
+
+
+def test_angular_falls_back_to_block_influence() -> None:
+    influence = np.linspace(0.3, 1e-4, L)
+    d = diagnose(table(deletion=np.full(L, 0.2), influence=influence))
+    assert d.summary["angular_source"] == "block_influence" and "angular" in d.summary["signals_used"]
+    np.testing.assert_allclose(d.layers["angular"], np.arccos(1 - influence) / np.pi)
+    np.testing.assert_allclose(d.layers["block_influence"], influence)
+    d = diagnose(underused_table())
+    assert d.summary["angular_source"] == "angular_n1"  # the angle itself wins when recorded
+
+
+def test_no_per_layer_signal_is_insufficient_data() -> None:
+    d = diagnose(table())
+    assert d.verdict == "insufficient data" and d.summary["signals_used"] == []
+    assert set(d.summary["signals_missing"]) == set(SIGNALS)
+    one_layer = underused_table()
+    d = diagnose(one_layer[one_layer["layer"] <= 0])
+    assert d.verdict == "insufficient data"
+
+
+def test_step_picks_the_evidence_and_absent_steps_are_missing() -> None:
+    data = pd.concat([underused_table(step=10), healthy_table("sick", step=20)], ignore_index=True)
+    assert diagnose(data).verdict == "ok" and diagnose(data).summary["steps"]["ratio"] == 20
+    assert diagnose(data, step=10).verdict == "underuse"
+    d = diagnose(data, step=15)
+    assert d.verdict == "insufficient data" and "at step 15" in d.summary["signals_missing"]["ratio"]
+    mixed = pd.concat([table("m", 10, var=2.0 ** np.arange(L)), table("m", 30, deletion=np.full(L, 0.3))])
+    assert diagnose(mixed).summary["steps"] == {"variance": 10, "deletion": 30}  # each at its own last step
+
+
+# ------------------------------------------------------------------------------------------ thresholds
+
+
+def test_threshold_overrides_change_the_verdict() -> None:
+    deep = np.arange(L) >= L // 2
+    data = table(var=np.ones(L), ratio=np.where(deep, 8.0, 2.0), grad=np.where(deep, 0.4, 1.0))
+    d = diagnose(data)
+    assert d.verdict == "ok"  # only the gradient fires (ratio 8 < 10), and one of three signals is not enough
+    assert not d.layers["flag_ratio"].any() and d.layers.loc[deep, "flag_grad"].all()
+    assert diagnose(data, Thresholds(max_ratio=5.0)).verdict == "underuse"
+    assert diagnose(data, Thresholds(min_flags=1)).verdict == "underuse"
+    assert diagnose(data, Thresholds(max_ratio=5.0, min_grad_rel=0.3)).verdict == "ok"
+    assert diagnose(underused_table(), Thresholds(min_flags=5)).verdict == "underuse"
+    assert diagnose(underused_table(), Thresholds(max_ratio=1e9, min_grad_rel=0, min_deletion=-1,
+                                                  min_deletion_rel=0, min_angular=0, min_angular_rel=0,
+                                                  max_var_rel=1e9)).verdict == "ok"
+    half = underused_table()
+    half = half[~((half["layer"] >= L - 2) & (half["site"] != "model"))]  # the deep half is half underused
+    assert diagnose(half).verdict == "underuse"
+    assert diagnose(half, Thresholds(min_fraction=0.75)).verdict == "ok"
+
+
+@pytest.mark.parametrize("bad", [{"max_ratio": 0}, {"min_fraction": 1.5}, {"min_flags": 0}, {"min_angular": -1},
+                                 {"min_deletion": float("nan")}])
+def test_bad_thresholds_are_value_errors(bad: dict) -> None:
+    with pytest.raises(ValueError, match="threshold"):
+        Thresholds(**bad)
+
+
+# ------------------------------------------------------------------------------------- runs and JSON
+
+
+def test_several_runs() -> None:
+    data = pd.concat([healthy_table(), underused_table()], ignore_index=True)
+    results = diagnose_runs(data)
+    assert list(results) == ["fine", "sick"]
+    assert [d.verdict for d in results.values()] == ["ok", "underuse"]
+    assert diagnose(data, run="sick").verdict == "underuse"
+    with pytest.raises(ValueError, match="pass run="):
+        diagnose(data)
+    with pytest.raises(ValueError, match="not in the data"):
+        diagnose(data, run="nope")
+
+
+def test_to_dict_is_json_safe_and_round_trips() -> None:
+    data = table(var=2.0 ** np.arange(L), ratio=np.full(L, 3.0))  # NaN evidence columns
+    for d in (diagnose(data), diagnose(underused_table())):
+        out = d.to_dict()
+        text = json.dumps(out, allow_nan=False)
+        back = json.loads(text)
+        assert back == out and back["verdict"] == d.verdict and len(back["layers"]) == L
+        assert back["summary"]["thresholds"] == Thresholds().to_dict()
+        first = back["layers"][0]
+        assert isinstance(first["underused"], bool) and isinstance(first["layer"], int)
+    assert json.loads(json.dumps(diagnose(data).to_dict()))["layers"][0]["deletion_delta"] is None
+
+
+@pytest.mark.parametrize("bad", [None, pd.DataFrame({"x": [1]}), table().iloc[:0]])
+def test_bad_tables(bad) -> None:
+    with pytest.raises(ValueError):
+        diagnose(bad)
+
+
+# ----------------------------------------------------------------------------------------- real tables
+
+
+def _batches(seed: int = 5) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 256, (4, 24), generator=g)
+    return [(ids[:, :-1], ids[:, 1:])]
+
+
+@pytest.fixture(scope="module")
+def profiled_run(tmp_path_factory) -> tuple:
+    """A tiny Pre-LN run with probes, plus its final model's layer importance written as a profile would."""
+    out = tmp_path_factory.mktemp("diag") / "run"
+    config = ModelConfig.from_preset("tiny")
+    train(config, TrainConfig(steps=6, batch_size=4, seq_len=32, eval_every=0, eval_batches=1), out=out,
+          probe=ProbeConfig(every=3))
+    model = build_model(config)
+    torch.manual_seed(0)
+    imp = layer_importance(model, _batches(), normalize_rows=True)
+    long = pd.concat([to_long(f, "run", 6) for f in imp.values()], ignore_index=True)
+    pq.write_table(pa.Table.from_pandas(long, schema=ARROW_SCHEMA, preserve_index=False),
+                   out / "probes" / "part-000999.parquet")
+    return out, imp
+
+
+def test_real_tables_are_read_as_recorded(profiled_run) -> None:
+    out, imp = profiled_run
+    data = load_run(out)
+    d = diagnose(data)
+    assert d.summary["signals_used"] == list(SIGNALS) and d.verdict in ("underuse", "ok")
+    np.testing.assert_allclose(d.layers["deletion_delta"], imp["deletion"]["delta"])
+    n1 = imp["angular"][imp["angular"]["n"] == 1].sort_values("layer")
+    np.testing.assert_allclose(d.layers["angular"], n1["distance"])
+    np.testing.assert_allclose(d.layers["block_influence"], imp["block_influence"]["influence"])
+    var = data[(data.stat == "var") & (data.site == "resid_post") & (data.direction == "fwd") & (data.step == 6)]
+    np.testing.assert_allclose(d.layers["var"], var.sort_values("layer")["value"])
+    grad = data[(data.stat == "grad_norm") & (data.site == "params") & (data.step == 6)].sort_values("layer")
+    np.testing.assert_allclose(d.layers["grad_rel"], grad["value"] / np.median(grad["value"].to_numpy()[:2]))
+    train_only = diagnose(data[data["site"] != "importance"])
+    assert "deletion" in train_only.summary["signals_missing"]
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+runner = CliRunner()
+cli = typer.Typer()
+cli.command("diagnose")(diagnose_cmd)
+
+
+@cli.callback()
+def _root() -> None:
+    """Test app."""
+
+
+def _write(folder, frame: pd.DataFrame):
+    (folder / "probes").mkdir(parents=True)
+    pq.write_table(pa.Table.from_pandas(frame, schema=ARROW_SCHEMA, preserve_index=False),
+                   folder / "probes" / "part-000000.parquet")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> tuple:
+    root = tmp_path_factory.mktemp("cli")
+    return _write(root / "sick", underused_table()), _write(root / "fine", healthy_table())
+
+
+def test_cli_table_and_verdict(folders) -> None:
+    sick, fine = folders
+    res = runner.invoke(cli, ["diagnose", str(sick), str(fine)])
+    assert res.exit_code == 0, res.output
+    assert "verdict: underuse" in res.stdout and "verdict: ok" in res.stdout
+    assert "shortcut/branch" in res.stdout and "deletion" in res.stdout and "angular" in res.stdout
+    assert "variance growth: ×2 per layer" in res.stdout
+
+
+def test_cli_json(folders) -> None:
+    sick, fine = folders
+    res = runner.invoke(cli, ["diagnose", str(sick), str(fine), "--json"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.stdout)
+    assert out["verdict"] == "underuse" and [r["verdict"] for r in out["runs"]] == ["underuse", "ok"]
+    assert out["runs"][0] == json.loads(json.dumps(diagnose(underused_table()).to_dict()))
+
+
+def test_cli_strict_exit_codes_and_overrides(folders) -> None:
+    sick, fine = folders
+    assert runner.invoke(cli, ["diagnose", str(sick), "--strict"]).exit_code == 1
+    assert runner.invoke(cli, ["diagnose", str(fine), "--strict"]).exit_code == 0
+    assert runner.invoke(cli, ["diagnose", str(sick), "--strict", "--min-flags", "6"]).exit_code == 0
+    res = runner.invoke(cli, ["diagnose", str(fine), "--strict", "--json", "--min-deletion", "1"])
+    assert res.exit_code == 0 and json.loads(res.stdout)["verdict"] == "ok"  # one signal alone is not enough
+    res = runner.invoke(cli, ["diagnose", str(fine), "--strict", "--min-deletion", "1", "--min-angular", "1",
+                             "--min-flags", "2"])
+    assert res.exit_code == 1
+
+
+def test_cli_bad_input_is_one_line_exit_2(folders, tmp_path) -> None:
+    res = runner.invoke(cli, ["diagnose", str(tmp_path / "missing")])
+    assert res.exit_code == 2 and res.stderr.startswith("error:") and len(res.stderr.strip().splitlines()) == 1
+    res = runner.invoke(cli, ["diagnose", str(folders[0]), "--min-fraction", "2"])
+    assert res.exit_code == 2 and "min_fraction" in res.stderr and len(res.stderr.strip().splitlines()) == 1
