@@ -201,6 +201,11 @@ class TrainConfig:
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
         return cls(**d)
 
+    @classmethod
+    def from_preset(cls, name: str, **overrides: Any) -> TrainConfig:
+        """The training settings of preset ``name`` (see :data:`PRESETS`), with fields overridden."""
+        return cls(**{**get_preset(name).train, **overrides})
+
 
 @dataclass(frozen=True)
 class Preset:
