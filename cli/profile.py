@@ -14,6 +14,12 @@ from gpas_probe.cli.common import console, friendly_errors, progress_bar, setup_
 from gpas_probe.profile import PROFILE_FILE, ProfileProgress, profile_many
 
 
+class Backend(str, Enum):
+    auto = "auto"
+    native = "native"
+    hf = "hf"
+
+
 class DType(str, Enum):
     fp32 = "fp32"
     bf16 = "bf16"
@@ -42,6 +48,8 @@ def profile_cmd(
     no_importance: bool = typer.Option(False, "--no-importance", help="Skip layer importance."),
     no_activations: bool = typer.Option(False, "--no-activations", help="Skip forward/backward statistics."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace earlier profiles of the same runs."),
+    backend: Backend = typer.Option(Backend.auto, help="How checkpoints load: auto (natively when supported, else "
+                                                       "with transformers, the hf extra), native, or hf."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details."),
 ) -> None:
     """Profile checkpoints: per-site statistics and layer importance, in the training parquet schema."""
@@ -60,7 +68,7 @@ def profile_cmd(
             ckpts, out, data=data, tokenizer=tokenizer, batches=batches, batch_size=batch_size, seq_len=seq_len,
             norm=norm, post_layers=post_layers, device=device, dtype=dtype.value if dtype else None, run_id=run_id,
             importance=not no_importance, activations=not no_activations, latest=latest, overwrite=overwrite,
-            callback=on_progress)
+            backend=backend.value, callback=on_progress)
     for folder in written:
         record = json.loads((folder / PROFILE_FILE).read_text())["checkpoints"]
         steps = ", ".join(str(r["step"]) for r in record)

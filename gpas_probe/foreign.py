@@ -44,7 +44,8 @@ BIN_NAME, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 
 #: model_type -> the causal-LM class it is saved under; these load without transformers.
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}
-HF_EXTRA_HINT = 'other Hugging Face causal LMs need the hf extra: pip install "gpas-probe[hf]"'
+HF_EXTRA_HINT = ('other Hugging Face causal LMs load through transformers (gpas-probe profile falls back to it, '
+                 'gpas_probe.hf.load_hf_causal_lm), which needs the hf extra: pip install "gpas-probe[hf]"')
 
 _FAMILY_BY_NORMS = {frozenset(keys.values()): fam for fam, keys in NORM_KEYS.items()}
 _GATE_NAMES = {GateGranularity.LAYER: frozenset({"gpas_block"}),
@@ -354,6 +355,13 @@ def _step(ckpt: Path, cfg: dict[str, Any]) -> int | None:
             if isinstance(state.get(field), int):
                 return state[field]
     return None
+
+
+def checkpoint_step(ckpt_dir: str | Path, cfg: dict[str, Any] | None = None) -> int | None:
+    """The training step a checkpoint folder records (config.json ``step``, the paper code's
+    ``training_state.json``, HF's ``trainer_state.json``), or None."""
+    ckpt = Path(ckpt_dir)
+    return _step(ckpt, read_config(ckpt) if cfg is None else cfg)
 
 
 def _stored_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:

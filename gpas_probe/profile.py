@@ -23,6 +23,13 @@ record it; 0 when neither tells):
 Batches are streamed twice per checkpoint (once for the statistics, once for importance), one at a
 time, so memory does not grow with the number of batches.
 
+Checkpoints of architectures the native loader does not read (anything but our own, the GPAS code's,
+LLaMA, Mistral and Qwen2) are loaded with ``transformers`` when it is installed (the ``hf`` extra;
+``backend="hf"`` forces it, ``"native"`` refuses it) and profiled at the sites their layers expose
+(:mod:`gpas_probe.hf`): every layer's ``resid_pre``/``resid_post``, all sites for layers of a known
+structure. Importance is computed from the same definitions, deleting a layer by replacing its output
+with its input (one forward pass per layer and batch).
+
 Output layout (``out`` holds one run folder per run)::
 
     OUT/RUN_ID/profile.json             what was profiled: per checkpoint its path, step, config.json,
@@ -57,10 +64,12 @@ from typing import Any
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from gpas_probe.analysis.importance import layer_importance, to_long
 from gpas_probe.checkpoint import CONFIG_NAME, find_checkpoints, load_checkpoint, read_config, resolve_checkpoint
 from gpas_probe.evaldata import TOKENIZER_FILE, EvalData, load_eval_data
+from gpas_probe.foreign import architecture, checkpoint_step
 from gpas_probe.model import IGNORE_INDEX, Transformer
 from gpas_probe.probes import Probe, ProbeConfig
 from gpas_probe.store import COLUMNS, PROBES_DIR, ProbeWriter
@@ -73,6 +82,7 @@ PROFILE_FAMILIES = ("activations", "ratios", "params", "gpas", "model")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 _STEP_NAME = re.compile(r"(?:step|checkpoint)[_-](\d+)$")
+BACKENDS = ("auto", "native", "hf")
 _SCHEMA = {"run_id": str, "step": "int64", "layer": "int16", "site": str, "direction": str, "stat": str,
            "value": "float64"}
 
@@ -99,7 +109,15 @@ def _counted(batches: Iterable[Any], on_batch: Callable[[], None] | None) -> Ite
             on_batch()  # the consumer asked for the next batch: this one is done
 
 
-def _probe_frame(model: Transformer, data: EvalData, step: int, run_id: str, sizes: tuple[int, int, int],
+def _logits(model: nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    if isinstance(model, Transformer):
+        return model(input_ids).logits
+    from gpas_probe.hf import logits
+
+    return logits(model, input_ids)
+
+
+def _probe_frame(model: nn.Module, data: EvalData, step: int, run_id: str, sizes: tuple[int, int, int],
                  val_loss_row: bool, on_batch: Callable[[], None] | None) -> pd.DataFrame:
     """One probe step pooled over every batch; gradients of the token-mean loss over all of them."""
     n_targets = data.num_targets(*sizes)
@@ -115,7 +133,7 @@ def _probe_frame(model: Transformer, data: EvalData, step: int, run_id: str, siz
             for input_ids, labels, mask in _counted(data.batches(*sizes), on_batch):
                 input_ids, labels, mask = input_ids.to(device), labels.to(device), mask.to(device)
                 probe.set_exclude_mask(~mask)
-                logits = model(input_ids).logits
+                logits = _logits(model, input_ids)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                        reduction="sum")
                 (loss / n_targets).backward()
@@ -130,26 +148,54 @@ def _probe_frame(model: Transformer, data: EvalData, step: int, run_id: str, siz
     return frame[frame["stat"] != "update_ratio"]
 
 
-def profile_model(model: Transformer, data: EvalData, *, step: int = 0, run_id: str = "profile",
+def _max_len(model: nn.Module) -> int | None:
+    config = model.config
+    return config.max_seq_len if isinstance(model, Transformer) else getattr(config, "max_position_embeddings", None)
+
+
+def profile_model(model: nn.Module, data: EvalData, *, step: int = 0, run_id: str = "profile",
                   batches: int = 8, batch_size: int = 8, seq_len: int = 256, importance: bool = True,
                   activations: bool = True, on_batch: Callable[[str], None] | None = None) -> pd.DataFrame:
     """The profile rows of one model (module doc) as a frame of the store's columns, all at ``step``.
 
+    ``model`` is ours or a Hugging Face causal LM (instrumented for the call, :mod:`gpas_probe.hf`).
     ``data`` must fit the model (:meth:`EvalData.check_vocab`); ``on_batch(phase)`` is called after
     each batch of each pass (``"activations"``, then ``"importance"``)."""
     if not (importance or activations):
         raise ValueError("nothing to profile: both activations and importance are off")
     data.check_vocab(model.config.vocab_size)
-    if seq_len > model.config.max_seq_len:
-        log.warning("seq_len %d exceeds the model's max_position_embeddings %d", seq_len, model.config.max_seq_len)
-    sizes = (batch_size, seq_len, batches)
+    max_len = _max_len(model)
+    if max_len is not None and seq_len > max_len:
+        log.warning("seq_len %d exceeds the model's max_position_embeddings %d", seq_len, max_len)
+    if isinstance(model, Transformer):
+        return _profile_frames(model, data, step, run_id, (batch_size, seq_len, batches), importance, activations,
+                               on_batch)
+    from gpas_probe.hf import instrument, is_instrumented, uninstrument
+
+    was_instrumented = is_instrumented(model)
+    instrument(model)
+    try:
+        return _profile_frames(model, data, step, run_id, (batch_size, seq_len, batches), importance, activations,
+                               on_batch)
+    finally:
+        if not was_instrumented:
+            uninstrument(model)
+
+
+def _profile_frames(model: nn.Module, data: EvalData, step: int, run_id: str, sizes: tuple[int, int, int],
+                    importance: bool, activations: bool, on_batch: Callable[[str], None] | None) -> pd.DataFrame:
     frames = []
     if activations:
         done = (lambda: on_batch("activations")) if on_batch else None
         frames.append(_probe_frame(model, data, step, run_id, sizes, not importance, done))
     if importance:
         done = (lambda: on_batch("importance")) if on_batch else None
-        result = layer_importance(model, _counted(data.batches(*sizes), done), normalize_rows=True)
+        if isinstance(model, Transformer):
+            result = layer_importance(model, _counted(data.batches(*sizes), done), normalize_rows=True)
+        else:
+            from gpas_probe.hf import layer_importance as hf_layer_importance
+
+            result = hf_layer_importance(model, _counted(data.batches(*sizes), done), normalize_rows=True)
         frames += [to_long(result[k], run_id, step) for k in ("deletion", "block_influence", "angular")]
     out = pd.concat(frames, ignore_index=True)[list(COLUMNS)]
     return out.astype(_SCHEMA).reset_index(drop=True)
@@ -281,16 +327,20 @@ def profile_many(paths: Sequence[str | Path], out: str | Path, *, data: str | Pa
                  tokenizer: Any = None, batches: int = 8, batch_size: int = 8, seq_len: int = 256,
                  norm: str | None = None, post_layers: int | None = None, device: str | torch.device = "auto",
                  dtype: torch.dtype | str | None = None, run_id: str | None = None, importance: bool = True,
-                 activations: bool = True, latest: bool = False, overwrite: bool = False,
+                 activations: bool = True, latest: bool = False, overwrite: bool = False, backend: str = "auto",
                  callback: Callable[[ProfileProgress], None] | None = None) -> list[Path]:
     """Profile checkpoints, run folders or folders of ``step_*`` checkpoints into ``out`` (module doc).
 
     ``data``/``tokenizer``/``batches``/``batch_size``/``seq_len`` choose the evaluation batches
     (:mod:`gpas_probe.evaldata`; a checkpoint's own ``tokenizer.json`` is used for text data when no
     tokenizer is given); ``norm``, ``post_layers``, ``dtype`` and ``device`` go to
-    :func:`gpas_probe.checkpoint.load_checkpoint`. Returns the run folders written."""
+    :func:`gpas_probe.checkpoint.load_checkpoint`. ``backend``: ``"auto"`` loads natively what the
+    native loader reads and other architectures with transformers, ``"native"`` or ``"hf"``
+    (:func:`gpas_probe.hf.load_hf_causal_lm`) always. Returns the run folders written."""
     if not (importance or activations):
         raise ValueError("nothing to profile: both activations and importance are off")
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     groups = checkpoint_groups(paths, run_id=run_id, latest=latest)
     out = Path(out)
     for name in groups:
@@ -303,13 +353,49 @@ def profile_many(paths: Sequence[str | Path], out: str | Path, *, data: str | Pa
     counter = {"done": 0, "total": per_ckpt * sum(len(g) for g in groups.values())}
     options = {"data": {**source.get(first).spec(), "batches": batches, "batch_size": batch_size, "seq_len": seq_len},
                "norm": norm, "post_layers": post_layers, "dtype": str(torch_dtype) if torch_dtype else None,
-               "device": str(dev), "importance": importance, "activations": activations,
+               "device": str(dev), "importance": importance, "activations": activations, "backend": backend,
                "gradients": "of the token-mean loss over all target tokens of all batches"}
     written = []
     for name, ckpts in groups.items():
         written.append(_profile_run(name, ckpts, out, source, options, counter, callback,
                                     dict(norm=norm, post_layers=post_layers, dtype=torch_dtype, device=dev)))
     return written
+
+
+def _uses_hf(cfg: dict[str, Any], backend: str) -> bool:
+    """Whether a checkpoint with this ``config.json`` loads with transformers (module doc)."""
+    if backend != "auto":
+        return backend == "hf"
+    if cfg.get("gpas_probe") or architecture(cfg) is not None:
+        return False
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        return False  # the native loader's error names the extra
+    return True
+
+
+def _load(ckpt: Path, backend: str, load_kw: dict[str, Any]) -> tuple[nn.Module, int | None]:
+    """``(model, training step or None)`` of one checkpoint."""
+    cfg = read_config(ckpt)
+    if not _uses_hf(cfg, backend):
+        model = load_checkpoint(ckpt, **load_kw)
+        return model, model.step
+    from gpas_probe.hf import load_hf_causal_lm
+
+    given = [k for k in ("norm", "post_layers") if load_kw.get(k) is not None]
+    if given:
+        raise ValueError(f"{ckpt}: {', '.join(given)} applies only to checkpoints loaded natively, "
+                         f"not with transformers")
+    name = (cfg.get("architectures") or [cfg.get("model_type")])[0]
+    try:
+        model = load_hf_causal_lm(ckpt, dtype=load_kw.get("dtype"), device=load_kw.get("device"))
+    except ValueError as e:
+        if backend == "hf":
+            raise
+        reason = str(e).removeprefix(f"{ckpt}: ")
+        raise ValueError(f"{ckpt}: architecture {name!r} is not supported natively, and {reason}") from None
+    return model, checkpoint_step(ckpt, cfg)
 
 
 def _profile_run(name: str, ckpts: list[Path], out: Path, source: _Data, options: dict[str, Any],
@@ -323,8 +409,8 @@ def _profile_run(name: str, ckpts: list[Path], out: Path, source: _Data, options
     try:
         for ckpt in ckpts:
             t0 = time.perf_counter()
-            model = load_checkpoint(ckpt, **load_kw)
-            step = model.step if model.step is not None else (_step_from_name(ckpt) or 0)
+            model, known_step = _load(ckpt, options["backend"], load_kw)
+            step = known_step if known_step is not None else (_step_from_name(ckpt) or 0)
             if any(r["step"] == step for r in record):
                 raise ValueError(f"{ckpt}: step {step} was already profiled in run {name!r} "
                                  f"(from {next(r['path'] for r in record if r['step'] == step)})")
