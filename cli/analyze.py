@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import typer
-from gpas_probe.cli.common import console, friendly_errors
 from rich.table import Table
 
 from gpas_probe.analysis.summary import compare_runs
+from gpas_probe.cli.common import console, friendly_errors
 from gpas_probe.plots import FIGURES, make_figure, save_figure
 from gpas_probe.store import load_runs, run_info
 

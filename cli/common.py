@@ -27,16 +27,28 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+def error_line(e: BaseException) -> str:
+    """The one line an error is reported with."""
+    msg = str(e).strip()
+    return msg.splitlines()[0] if msg else type(e).__name__
+
+
 def friendly_errors(fn: F) -> F:
-    """Turn the library's input errors into ``error: ...`` on stderr and a non-zero exit."""
+    """Turn the library's input errors into ``error: ...`` on stderr and a non-zero exit.
+
+    An error marked ``quiet`` (reported already, or by rank 0 of a torchrun launch) exits with the
+    same code without printing.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
         except USER_ERRORS as e:
-            msg = str(e).strip()
-            fail(msg.splitlines()[0] if msg else type(e).__name__)
+            if getattr(e, "quiet", False):
+                logging.getLogger(__name__).info("error reported already: %s", e)
+                raise typer.Exit(2) from None
+            fail(error_line(e))
         except KeyboardInterrupt:
             fail("interrupted", code=130)
 
@@ -49,11 +61,31 @@ def setup_logging(verbose: bool) -> None:
 
 
 @contextmanager
-def progress_bar(description: str, total: int, fields: str = "", **initial: Any) -> Iterator[tuple[Progress, Any]]:
-    """A rich progress bar; ``fields`` formats the task's fields, whose first values are ``initial``."""
+def progress_bar(description: str, total: int, fields: str = "", *, lazy: bool = False,
+                 **initial: Any) -> Iterator[tuple[Progress, Any]]:
+    """A rich progress bar; ``fields`` formats the task's fields, whose first values are ``initial``.
+
+    ``lazy``: the bar appears with its first update (so an error during set-up prints alone).
+    """
     columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn()]
     if fields:
         columns.append(TextColumn(fields))
     columns += [TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
-    with Progress(*columns, console=err_console, transient=False) as progress:
-        yield progress, progress.add_task(description, total=total, **initial)
+    progress = Progress(*columns, console=err_console, transient=False)
+    task = progress.add_task(description, total=total, **initial)
+    if lazy:
+        update = progress.update
+
+        def start_then_update(*args: Any, **kwargs: Any) -> None:
+            if not progress.live.is_started:
+                progress.start()
+            update(*args, **kwargs)
+
+        progress.update = start_then_update  # type: ignore[method-assign]
+    else:
+        progress.start()
+    try:
+        yield progress, task
+    finally:
+        if progress.live.is_started:
+            progress.stop()

@@ -7,10 +7,10 @@ import shutil
 from pathlib import Path
 
 import typer
+
 from gpas_probe.cli.analyze import print_compare
 from gpas_probe.cli.common import console, friendly_errors, setup_logging
 from gpas_probe.cli.train import run_with_progress
-
 from gpas_probe.config import ModelConfig, NormScheme, TrainConfig, get_preset
 from gpas_probe.demo import DEMO_FIGURES, demo_probe_config, render_figures
 from gpas_probe.store import load_runs

@@ -7,10 +7,10 @@ import math
 from pathlib import Path
 
 import typer
-from gpas_probe.cli.common import console, friendly_errors
 from rich.table import Table
 
 from gpas_probe.analysis.diagnose import SIGNALS, Diagnosis, Thresholds, diagnose_runs
+from gpas_probe.cli.common import console, friendly_errors
 from gpas_probe.store import load_runs
 
 _DEFAULTS = Thresholds()

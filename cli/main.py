@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import typer
+
+from gpas_probe import __version__
 from gpas_probe.cli.analyze import compare_cmd, info_cmd, plot_app
 from gpas_probe.cli.demo import demo_cmd
 from gpas_probe.cli.diagnose import diagnose_cmd
 from gpas_probe.cli.profile import profile_cmd
 from gpas_probe.cli.train import train_cmd
-
-from gpas_probe import __version__
 
 app = typer.Typer(
     name="gpas-probe",

@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import typer
-from gpas_probe.cli.common import console, friendly_errors, progress_bar, setup_logging
 
+from gpas_probe.cli.common import console, friendly_errors, progress_bar, setup_logging
 from gpas_probe.profile import PROFILE_FILE, ProfileProgress, profile_many
 
 

@@ -1,15 +1,39 @@
-"""``gpas-probe train``."""
+"""``gpas-probe train`` (one process, or data-parallel under ``torchrun`` with ``--dist ddp|fsdp``)."""
 
 from __future__ import annotations
 
+import logging
+from enum import Enum
 from pathlib import Path
+from typing import TypeVar
 
 import typer
-from gpas_probe.cli.common import console, friendly_errors, progress_bar, setup_logging
 
+from gpas_probe.cli.common import (
+    USER_ERRORS,
+    console,
+    err_console,
+    error_line,
+    friendly_errors,
+    progress_bar,
+    setup_logging,
+)
 from gpas_probe.config import GateGranularity, ModelConfig, NormScheme, ScalingMode, TrainConfig, get_preset
+from gpas_probe.distributed import DIST_MODES, DistContext, distributed, mark_quiet, mark_shared, torchrun_world_size
 from gpas_probe.probes import FAMILIES, ProbeConfig
 from gpas_probe.train import StepInfo, TrainResult, train
+
+E = TypeVar("E", bound=Enum)
+
+
+def parse_choice(value: str | E, enum: type[E], what: str) -> E:
+    """``value`` as a member of ``enum``, or a one-line error listing the choices."""
+    if isinstance(value, enum):
+        return value
+    try:
+        return enum(value)
+    except ValueError:
+        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(m.value for m in enum)}") from None
 
 
 def default_out(preset: str, norm: NormScheme, gpas: bool) -> Path:
@@ -25,8 +49,12 @@ def configs(preset: str, norm: NormScheme, gpas: bool, overrides: dict, model_ov
     return model, TrainConfig(**train_kw)
 
 
-def run_with_progress(model: ModelConfig, tc: TrainConfig, out: Path, label: str, **kw) -> TrainResult:
-    with progress_bar(label, tc.steps, "loss {task.fields[loss]} | {task.fields[tps]} tok/s",
+def run_with_progress(model: ModelConfig, tc: TrainConfig, out: Path, label: str, *,
+                      show: bool = True, **kw) -> TrainResult:
+    """:func:`train` with a progress bar (none when not ``show``: the other ranks of a torchrun launch)."""
+    if not show:
+        return train(model, tc, out, **kw)
+    with progress_bar(label, tc.steps, "loss {task.fields[loss]} | {task.fields[tps]} tok/s", lazy=True,
                       loss="-", tps="-") as (bar, task):
 
         def on_step(info: StepInfo) -> None:
@@ -38,7 +66,7 @@ def run_with_progress(model: ModelConfig, tc: TrainConfig, out: Path, label: str
 @friendly_errors
 def train_cmd(
     preset: str = typer.Option("small", help="Model/training preset: tiny, small, medium, 71m ... 7b."),
-    norm: NormScheme = typer.Option(NormScheme.PRE, help="Normalization scheme."),
+    norm: str = typer.Option("pre", help="Normalization scheme: " + ", ".join(m.value for m in NormScheme) + "."),
     gpas: bool = typer.Option(False, "--gpas/--no-gpas", help="Add GPAS gates."),
     steps: int = typer.Option(None, help="Optimizer steps (default: the preset's)."),
     lr: float = typer.Option(None, help="Peak learning rate."),
@@ -52,11 +80,12 @@ def train_cmd(
     eval_every: int = typer.Option(None, help="Validation every N steps (0 = only at the end)."),
     grad_clip: float = typer.Option(None, help="Global gradient-norm clip (0 = off)."),
     clip_gate_grad: float = typer.Option(None, help="Joint GPAS gate-gradient clip (0 = off)."),
-    gate: GateGranularity = typer.Option(GateGranularity.LAYER, help="One gate per layer or per sub-layer."),
+    gate: str = typer.Option("layer", help="One GPAS gate per layer, or per sub-layer: layer, sublayer."),
     naive: bool = typer.Option(False, "--naive", help="Ablation: scale without the stop-gradient."),
     fixed_gate: float = typer.Option(None, help="Freeze every gate's alpha at this value."),
     post_layers: int = typer.Option(None, help="Mix-LN: number of leading post-norm layers (default L//4)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N (under --dist, each rank takes cuda:LOCAL_RANK)."),
+    dist: str = typer.Option("none", help="Under torchrun: ddp, or fsdp (FSDP2); --batch-size is per process."),
     compile: bool = typer.Option(False, "--compile", help="torch.compile the model."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its latest checkpoint."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a run already in --out."),
@@ -65,20 +94,58 @@ def train_cmd(
     probe_stats: str = typer.Option(",".join(FAMILIES), help="Comma list of statistic families to record."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details."),
 ) -> None:
-    """Train a model under one normalization scheme, with or without GPAS."""
+    """Train a model under one normalization scheme, with or without GPAS.
+
+    Data-parallel on N processes: torchrun --nproc_per_node N -m gpas_probe.cli.main train --dist ddp ...
+    """
     setup_logging(verbose)
-    model_kw = dict(post_layers=post_layers, gpas_granularity=gate,
-                    gpas_mode=ScalingMode.NAIVE if naive else None)
-    if fixed_gate is not None:
-        model_kw.update(gpas_learnable=False, gpas_init=fixed_gate)
-    model, tc = configs(preset, norm, gpas or naive, dict(
-        steps=steps, lr=lr, warmup=warmup, batch_size=batch_size, seq_len=seq_len, seed=seed, data=data,
-        checkpoint_every=checkpoint_every, eval_every=eval_every, grad_clip=grad_clip,
-        gate_clip=clip_gate_grad, device=device, compile=compile or None), model_kw)
+    if dist not in DIST_MODES:
+        raise ValueError(f"unknown --dist {dist!r}; choose one of {', '.join(DIST_MODES)}")
+    world = torchrun_world_size()
+    if dist == "none" and world is not None and world > 1:
+        raise ValueError(f"this is one of {world} torchrun processes: pass --dist ddp or --dist fsdp "
+                         "(with --dist none each would train alone into the same folder)")
+    with distributed(dist, device) as ctx:
+        try:
+            _train(ctx, preset=preset, norm=norm, gpas=gpas, gate=gate, naive=naive, fixed_gate=fixed_gate,
+                   post_layers=post_layers, out=out, resume=resume, overwrite=overwrite, probe_every=probe_every,
+                   probe_schedule=probe_schedule, probe_stats=probe_stats,
+                   train_kw=dict(steps=steps, lr=lr, warmup=warmup, batch_size=batch_size, seq_len=seq_len,
+                                 seed=seed, data=data, checkpoint_every=checkpoint_every, eval_every=eval_every,
+                                 grad_clip=grad_clip, gate_clip=clip_gate_grad, device=device,
+                                 compile=compile or None))
+        except USER_ERRORS as e:
+            if ctx.distributed and getattr(e, "shared", False) and not getattr(e, "quiet", False):
+                # rank 0 reports before the ranks leave together: torchrun stops the other processes
+                # as soon as one exits, so a report printed after that might never appear
+                err_console.print(f"[bold red]error:[/] {error_line(e)}", highlight=False, soft_wrap=True)
+                mark_quiet(e)
+            raise
+
+
+def _train(ctx: DistContext, *, preset: str, norm: str, gpas: bool, gate: str, naive: bool, fixed_gate: float | None,
+           post_layers: int | None, out: Path | None, resume: bool, overwrite: bool, probe_every: int,
+           probe_schedule: str, probe_stats: str, train_kw: dict) -> None:
+    try:
+        scheme = parse_choice(norm, NormScheme, "scheme")
+        model_kw = dict(post_layers=post_layers, gpas_granularity=parse_choice(gate, GateGranularity, "gate"),
+                        gpas_mode=ScalingMode.NAIVE if naive else None)
+        if fixed_gate is not None:
+            model_kw.update(gpas_learnable=False, gpas_init=fixed_gate)
+        model, tc = configs(preset, scheme, gpas or naive, train_kw, model_kw)
+        probe = probe_config(probe_every, probe_schedule, probe_stats)
+    except USER_ERRORS as e:  # the same arguments on every rank: every rank raises this
+        raise mark_shared(mark_quiet(e) if not ctx.is_main else e) from None
+    if not ctx.is_main and not logging.getLogger().isEnabledFor(logging.INFO):
+        logging.getLogger().setLevel(logging.ERROR)  # without -v, warnings come from rank 0 alone
     out = out or default_out(preset, model.norm, model.gpas)
     label = f"{model.norm.value}{'+gpas' if model.gpas else ''}"
-    probe = probe_config(probe_every, probe_schedule, probe_stats)
-    result = run_with_progress(model, tc, out, label, resume=resume, overwrite=overwrite, probe=probe)
+    if ctx.distributed:
+        label += f" ({ctx.mode} x{ctx.world})"
+    result = run_with_progress(model, tc, out, label, show=ctx.is_main, resume=resume, overwrite=overwrite,
+                               probe=probe, dist=ctx)
+    if not ctx.is_main:
+        return
     val = result.final_val_loss
     console.print(f"trained {label} to step {result.step}"
                   + (f", validation loss {val:.4f}" if val is not None else "") + f"; run in {out}"

@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -114,15 +115,45 @@ def _publish_dir(tmp: Path, path: Path) -> None:
         os.replace(tmp, path)
 
 
+def remove_temporaries(directory: str | Path) -> None:
+    """Clear what an interrupted :func:`save_checkpoint` may leave in ``directory`` (a run's
+    ``checkpoints/``): unfinished temporary folders are removed; a replaced checkpoint whose
+    successor never arrived is put back."""
+    d = Path(directory)
+    if not d.is_dir():
+        return
+    for p in sorted(d.iterdir()):
+        if not (p.is_dir() and p.name.startswith(".")):
+            continue
+        name, sep, _ = p.name[1:].partition(".old-")
+        if sep and not (d / name).exists():
+            os.replace(p, d / name)
+        elif sep or ".tmp-" in p.name:
+            shutil.rmtree(p, ignore_errors=True)
+
+
 def save_checkpoint(model: Transformer, path: str | Path, step: int | None = None,
-                    extra_files: dict[str, Any] | None = None) -> Path:
+                    extra_files: dict[str, Any] | None = None,
+                    state: Mapping[str, torch.Tensor] | None = None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (and ``extra_files``: name -> object saved with
-    ``torch.save``) into directory ``path``, atomically. Returns the path."""
+    ``torch.save``) into directory ``path``, atomically. Returns the path.
+
+    ``state`` (a full state dict keyed like ``model.named_parameters()``, e.g. gathered from an FSDP
+    model) supplies the tensors instead of the model's own parameters, which may be shards.
+    """
     path = Path(path)
+    params = parameter_map(model)
+    if state is not None:
+        names = {id(p): n for n, p in model.named_parameters()}  # first name of shared ones
+        missing = sorted(k for k, p in params.items() if names.get(id(p)) not in state)
+        if missing:
+            raise ValueError(f"the state dict to save lacks {missing[:3]} ({len(missing)} in all)")
+        source = {k: state[names[id(p)]] for k, p in params.items()}
+    else:
+        source = dict(params)
     tmp = _atomic_dir(path)
     try:
-        tensors = {k: p.detach().to("cpu", torch.float32).contiguous().clone()
-                   for k, p in parameter_map(model).items()}
+        tensors = {k: t.detach().to("cpu", torch.float32).contiguous().clone() for k, t in source.items()}
         save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
         (tmp / CONFIG_NAME).write_text(json.dumps(hf_config(model.config, step), indent=2) + "\n")
         for name, obj in (extra_files or {}).items():

@@ -45,6 +45,10 @@ class Corpus:
     def max_token(self) -> int:
         return int(max(self.train.max(initial=0), self.val.max(initial=0)))
 
+    @property
+    def min_token(self) -> int:
+        return int(min(self.train.min(initial=0), self.val.min(initial=0)))
+
 
 def _stdlib_files() -> list[tuple[str, Path]]:
     root = Path(sysconfig.get_paths()["stdlib"])
@@ -76,8 +80,13 @@ def _split(name: str, tokens: np.ndarray, vocab: int | None) -> Corpus:
 def load_tokens(path: str | Path) -> np.ndarray:
     """A 1-D token array from ``.npy`` or ``.bin`` (memory-mapped, not read into memory)."""
     p = Path(path)
+    if p.stat().st_size == 0:
+        raise ValueError(f"{p}: the token file is empty")
     if p.suffix == ".npy":
-        arr = np.load(p, mmap_mode="r")
+        try:
+            arr = np.load(p, mmap_mode="r")
+        except (ValueError, OSError, EOFError):
+            raise ValueError(f"{p}: not a readable .npy token array") from None
         if arr.ndim != 1 or not np.issubdtype(arr.dtype, np.integer):
             raise ValueError(f"{p}: expected a 1-D integer array, got {arr.ndim}-D {arr.dtype}")
         return arr
@@ -124,8 +133,11 @@ class Batches:
         starts = torch.randint(0, high, (self.batch_size * world,), generator=g).numpy()
         return self._rows(self.corpus.train, starts[rank * self.batch_size:(rank + 1) * self.batch_size])
 
-    def val(self, n_batches: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``n_batches`` fixed validation batches, evenly spread over the split, seed-independent."""
+    def val(self, n_batches: int, rank: int = 0, world: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Rank ``rank``'s slices of ``n_batches`` fixed validation batches of ``batch_size * world``
+        rows, evenly spread over the split, seed-independent."""
         high = len(self.corpus.val) - self.seq_len
-        starts = np.linspace(0, high - 1, n_batches * self.batch_size).astype(np.int64)
-        return [self._rows(self.corpus.val, s) for s in starts.reshape(n_batches, self.batch_size)]
+        rows = self.batch_size * world
+        starts = np.linspace(0, high - 1, n_batches * rows).astype(np.int64).reshape(n_batches, rows)
+        mine = starts[:, rank * self.batch_size:(rank + 1) * self.batch_size]
+        return [self._rows(self.corpus.val, s) for s in mine]

@@ -39,8 +39,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,9 @@ ARROW_SCHEMA = pa.schema([
     ("run_id", pa.string()), ("step", pa.int64()), ("layer", pa.int16()), ("site", pa.string()),
     ("direction", pa.string()), ("stat", pa.string()), ("value", pa.float64()),
 ])
+STRING_COLUMNS = ("run_id", "site", "direction", "stat")
+_LOAD_SCHEMA = pa.schema([pa.field(f.name, pa.large_string() if f.name in STRING_COLUMNS else f.type)
+                          for f in ARROW_SCHEMA])
 #: The key of one statistic; a resumed run may repeat it, and :func:`load_run` keeps the last.
 KEY_COLUMNS = ["step", "layer", "site", "direction", "stat"]
 _PART = re.compile(r"^part-(\d{6,})\.parquet$")
@@ -197,6 +202,12 @@ class ProbeWriter:
             self.closed = True
 
     @property
+    def buffered_rows(self) -> int:
+        """Rows held in memory, not yet written: after :meth:`end_step` fewer than ``flush_rows``, and
+        during a step fewer than ``flush_rows`` plus that step's rows (chunks end at step boundaries)."""
+        return len(self._rows)
+
+    @property
     def parts(self) -> list[Path]:
         return _part_files(self.directory)
 
@@ -230,6 +241,40 @@ class MemoryWriter:
         return self._rows.to_table(self.run_id).to_pandas()
 
 
+def truncate_after(directory: str | Path, step: int, *, check_only: bool = False) -> list[Path]:
+    """Make a resumed run's probe table end at ``step`` (the checkpoint it resumes from): rows of
+    later steps, recorded before the run stopped, are dropped so that the resumed run's rows replace
+    them instead of sitting beside them. Each affected chunk is rewritten atomically (or removed when
+    nothing is left), and temporary files of an interrupted write are removed, so a run killed
+    meanwhile can be resumed again. Every chunk is read first: a corrupted one raises ``ValueError``
+    before anything changes. ``check_only`` reads without changing anything. Returns the affected
+    chunks."""
+    d = Path(directory)
+    if not d.is_dir():
+        return []
+    affected = []
+    for f in _part_files(d):
+        try:
+            steps = pq.read_table(f, columns=["step"]).column("step")
+        except (pa.ArrowException, OSError, KeyError) as e:
+            raise ValueError(f"{f}: corrupted or unreadable probe chunk ({e}); move it out of the run to resume") from e
+        if len(steps) and pc.max(steps).as_py() > step:
+            affected.append(f)
+    if check_only:
+        return affected
+    for tmp in d.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+    for f in affected:
+        table = pq.read_table(f)
+        kept = table.filter(pc.less_equal(table.column("step"), step))
+        if kept.num_rows:
+            _write_atomic(f, lambda tmp, kept=kept: pq.write_table(kept, tmp))
+        else:
+            f.unlink()
+        log.info("%s: dropped %d rows after step %d", f, table.num_rows - kept.num_rows, step)
+    return affected
+
+
 def _probes_dir(path: str | Path) -> Path:
     p = Path(path)
     if not p.exists():
@@ -240,17 +285,43 @@ def _probes_dir(path: str | Path) -> Path:
 
 
 def _read_chunk(path: Path) -> pa.Table:
+    """One chunk with exactly the schema's columns: strings as ``large_string``, numbers cast.
+
+    String columns are read dictionary-encoded (as parquet stores them) and decoded with one ``take``
+    per column: several times faster than reading them as plain strings. ``large_string`` is what
+    pandas' Arrow-backed string dtype holds, so the conversion to pandas copies no string data.
+    """
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(path, read_dictionary=list(STRING_COLUMNS))
     except (pa.ArrowException, OSError) as e:
         raise ValueError(f"{path}: corrupted or unreadable probe chunk ({e})") from e
     missing = [c for c in COLUMNS if c not in table.column_names]
     if missing:
         raise ValueError(f"{path}: not a probe chunk, columns {missing} are missing")
     try:
-        return table.select(list(COLUMNS)).cast(ARROW_SCHEMA)
+        columns = [_as_large_string(table[f.name]) if f.name in STRING_COLUMNS else table[f.name].cast(f.type)
+                   for f in ARROW_SCHEMA]
     except (pa.ArrowException, ValueError) as e:
         raise ValueError(f"{path}: probe chunk columns have unexpected types ({e})") from e
+    return pa.Table.from_arrays(columns, schema=_LOAD_SCHEMA)
+
+
+def _as_large_string(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    chunks = [pc.take(c.dictionary.cast(pa.large_string()), c.indices) if pa.types.is_dictionary(c.type)
+              else c.cast(pa.large_string()) for c in column.chunks]
+    return pa.chunked_array(chunks, pa.large_string())
+
+
+def _superseded(steps: Sequence[np.ndarray]) -> np.ndarray | None:
+    """Given each chunk's ``step`` column, the rows (of the chunks concatenated) whose step another
+    chunk also records, or None when no two chunks share a step: the usual case, decided from the
+    step ranges alone."""
+    ranges = sorted((int(s.min()), int(s.max())) for s in steps if len(s))
+    if all(lo > prev_hi for (_, prev_hi), (lo, _) in zip(ranges[:-1], ranges[1:], strict=True)):
+        return None
+    values, counts = np.unique(np.concatenate([np.unique(s) for s in steps]), return_counts=True)
+    shared = values[counts > 1]
+    return np.isin(np.concatenate(steps), shared) if len(shared) else None
 
 
 def empty_frame() -> pd.DataFrame:
@@ -261,8 +332,10 @@ def empty_frame() -> pd.DataFrame:
 def load_run(path: str | Path, run_id: str | None = None, *, dedupe: bool = True) -> pd.DataFrame:
     """One run's probe table: ``path`` is the run directory, its ``probes/`` folder or one chunk.
 
-    ``run_id`` replaces the stored run id. With ``dedupe``, a statistic recorded twice for the same
-    step (a run resumed from a checkpoint older than its last chunk) keeps its last value.
+    ``run_id`` replaces the stored run id. With ``dedupe``, a statistic that a later chunk records
+    again for the same step (a run resumed from a checkpoint older than its last chunk) keeps its
+    last value; only rows of steps that several chunks share are compared. The table goes to pandas
+    column by column, each Arrow column released once converted, and string data is not copied.
     """
     p = _probes_dir(path)
     files = _part_files(p) if p.is_dir() else [p]
@@ -271,13 +344,27 @@ def load_run(path: str | Path, run_id: str | None = None, *, dedupe: bool = True
     if not files:
         frame = empty_frame()
     else:
-        table = pa.concat_tables([_read_chunk(f) for f in files])
-        frame = table.to_pandas()
-        if dedupe and len(files) > 1:
-            frame = frame.drop_duplicates(KEY_COLUMNS, keep="last").reset_index(drop=True)
+        tables = [_read_chunk(f) for f in files]
+        contested = _superseded([t["step"].to_numpy() for t in tables]) if dedupe and len(files) > 1 else None
+        table = pa.concat_tables(tables)
+        del tables
+        if contested is not None:
+            table = table.filter(pa.array(~_repeated_keys(table, contested)))
+        columns = dict(zip(table.column_names, table.columns, strict=True))
+        del table
+        frame = pd.DataFrame({name: columns.pop(name).to_pandas() for name in list(columns)}, copy=False)
     if run_id is not None:
         frame["run_id"] = pd.Series([run_id] * len(frame), dtype=frame["run_id"].dtype, index=frame.index)
     return frame
+
+
+def _repeated_keys(table: pa.Table, contested: np.ndarray) -> np.ndarray:
+    """Rows of ``table`` among the ``contested`` ones whose key a later row repeats."""
+    rows = np.flatnonzero(contested)
+    keys = table.select(KEY_COLUMNS).take(pa.array(rows)).to_pandas()
+    repeated = np.zeros(table.num_rows, dtype=bool)
+    repeated[rows[keys.duplicated(KEY_COLUMNS, keep="last").to_numpy()]] = True
+    return repeated
 
 
 def load_runs(paths: Iterable[str | Path], run_ids: Sequence[str] | None = None, *,

@@ -1,8 +1,16 @@
 """The training loop: Adam(W), linear warmup + cosine decay to ``min_lr_ratio`` x peak, global and
-GPAS-gate gradient clipping, periodic validation, atomic checkpoints and exact resume.
+GPAS-gate gradient clipping, periodic validation, atomic checkpoints and exact resume, in one
+process or data-parallel under ``torchrun`` (DDP or FSDP2, see :mod:`gpas_probe.distributed`).
 
 A run directory holds ``run.json`` (configs, versions) and ``checkpoints/step_NNNNNN/`` (HF-layout
 weights plus ``trainer_state.pt``). Observers (the probes) are called at fixed points of each step.
+
+Crash safety: ``run.json``, probe chunks and checkpoints are each written under a temporary name
+and renamed into place, and the probe rows are flushed before each checkpoint, so a run killed at
+any moment leaves only whole files and a probe table that covers every step up to its last
+checkpoint. ``resume`` continues from that checkpoint, removes what an interrupted write left
+behind, and drops probe rows of later steps (recorded before the run stopped) so that the resumed
+run's rows replace them: every kept (step, layer, site, direction, stat) appears once.
 """
 
 from __future__ import annotations
@@ -21,12 +29,32 @@ import torch
 from torch import nn
 
 from gpas_probe import __version__
-from gpas_probe.checkpoint import assign_weights, find_checkpoints, load_state, save_checkpoint
+from gpas_probe.checkpoint import (
+    assign_weights,
+    find_checkpoints,
+    load_state,
+    remove_temporaries,
+    save_checkpoint,
+)
 from gpas_probe.config import ModelConfig, TrainConfig
-from gpas_probe.data import Batches, load_corpus
+from gpas_probe.data import Batches, Corpus, load_corpus
+from gpas_probe.distributed import (
+    DistContext,
+    clip_grad_norm,
+    distributed,
+    full_model_state,
+    load_optimizer_state,
+    mark_quiet,
+    mark_shared,
+    optimizer_state,
+    replicated_parameters,
+    resolve_device,  # noqa: F401  (re-exported: gpas_probe.train.resolve_device)
+    wrap_model,
+)
 from gpas_probe.gpas import clip_gate_grad_
 from gpas_probe.model import Transformer, build_model
 from gpas_probe.probes import Probe, ProbeConfig
+from gpas_probe.store import PROBES_DIR, truncate_after
 
 log = logging.getLogger(__name__)
 
@@ -68,15 +96,6 @@ class TrainResult:
         return vals[-1] if vals else None
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    d = torch.device(device)
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA device is available")
-    return d
-
-
 def lr_factor(step: int, cfg: TrainConfig) -> float:
     """Multiplier of the peak lr for update number ``step`` (1-based)."""
     if step <= cfg.warmup:
@@ -92,6 +111,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
+
 
 
 @torch.no_grad()
@@ -117,23 +137,55 @@ def _run_meta(model_config: ModelConfig, train_config: TrainConfig, extra: dict[
             "model_config": model_config.to_dict(), "train_config": train_config.to_dict(), **extra}
 
 
+def _read_run_meta(path: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable run metadata ({e})") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict) \
+            or not isinstance(meta.get("train_config"), dict):
+        raise ValueError(f"{path}: not a gpas-probe run (model_config/train_config missing)")
+    return meta
+
+
 def prepare_run_dir(out: Path, meta: dict[str, Any], resume: bool, overwrite: bool) -> None:
-    """Create ``out`` for a new run, or check that a resumed run's configuration matches."""
+    """Create ``out`` for a new run, or check that a resumed run's configuration matches.
+
+    A folder holding a run (``run.json``) is refused unless ``resume`` (same configuration; only
+    ``steps`` and ``device`` may change, and the number of processes may not) or ``overwrite``
+    (the folder is replaced). ``resume`` needs a run to continue. Nothing is written on refusal.
+    """
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: continue the run, or replace it")
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"{out} is a file, not a run folder")
     meta_path = out / RUN_META
     if meta_path.exists():
         if resume:
-            old = json.loads(meta_path.read_text())
+            old = _read_run_meta(meta_path)
             meta = json.loads(json.dumps(meta))  # compare as stored (tuples become lists)
             if old.get("model_config") != meta["model_config"]:
-                raise ValueError(f"{out}: --resume with a model configuration that differs from the run's")
+                diff = sorted(k for k in meta["model_config"] if old["model_config"].get(k) != meta["model_config"][k])
+                raise ValueError(f"{out}: --resume with a model configuration that differs from the run's: {diff}")
             keep = {k: v for k, v in old["train_config"].items() if k not in ("steps", "device")}
             new = {k: v for k, v in meta["train_config"].items() if k not in ("steps", "device")}
             if keep != new:
-                diff = sorted(k for k in keep if keep[k] != new.get(k))
+                diff = sorted(k for k in keep.keys() | new.keys() if keep.get(k) != new.get(k))
                 raise ValueError(f"{out}: --resume with training settings that differ from the run's: {diff}")
+            was, now = old.get("world_size", 1), meta.get("world_size", 1)
+            if was != now:
+                raise ValueError(f"{out}: --resume on {now} process(es), but the run was trained on {was} "
+                                 "(the global batch would change)")
             return
         if not overwrite:
             raise FileExistsError(f"{out} already holds a run; pass --overwrite to replace it or --resume")
+        shutil.rmtree(out)
+    elif resume:
+        raise FileNotFoundError(f"{out}: no run to resume (no {RUN_META}); leave out --resume to start one")
+    elif any((out / d).exists() for d in ("checkpoints", PROBES_DIR)):  # left by a set-up that never finished
+        if not overwrite:
+            raise FileExistsError(f"{out} holds checkpoints or probes but no {RUN_META}; pass --overwrite to "
+                                  "replace them")
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
     tmp = meta_path.with_suffix(".tmp")
@@ -141,108 +193,211 @@ def prepare_run_dir(out: Path, meta: dict[str, Any], resume: bool, overwrite: bo
     tmp.replace(meta_path)
 
 
+def _check_inputs(model_config: ModelConfig, cfg: TrainConfig, corpus: Corpus) -> None:
+    if cfg.seq_len > model_config.max_seq_len:
+        raise ValueError(f"--seq-len {cfg.seq_len} is longer than the model's maximum of {model_config.max_seq_len}")
+    if corpus.max_token >= model_config.vocab_size:
+        raise ValueError(f"{corpus.name}: token id {corpus.max_token} is beyond the model's vocabulary "
+                         f"of {model_config.vocab_size}")
+    if corpus.min_token < 0:
+        raise ValueError(f"{corpus.name}: negative token id {corpus.min_token}")
+
+
 def train(model_config: ModelConfig, train_config: TrainConfig, out: str | Path | None = None, *,
           resume: bool = False, overwrite: bool = False, observers: Sequence[StepObserver] = (),
           callback: Callable[[StepInfo], None] | None = None, probe: ProbeConfig | None = None,
-          meta: dict[str, Any] | None = None) -> TrainResult:
+          meta: dict[str, Any] | None = None, dist: str | DistContext = "none") -> TrainResult:
     """Train a model from scratch (or ``resume`` the run in ``out``) and return it.
 
     ``probe`` records statistics into ``out/probes/`` (see :class:`gpas_probe.probes.ProbeConfig`).
     ``callback`` receives a :class:`StepInfo` after every step (the CLI draws its progress bar from
     it); ``observers`` are called around each step (see :class:`StepObserver`).
-    """
-    cfg = train_config
-    device = resolve_device(cfg.device)
-    corpus = load_corpus(cfg.data)
-    if corpus.max_token >= model_config.vocab_size:
-        raise ValueError(f"{corpus.name}: token id {corpus.max_token} is beyond the model's vocabulary "
-                         f"of {model_config.vocab_size}")
-    batches = Batches(corpus, cfg.batch_size, cfg.seq_len, cfg.seed)
-    val_batches = batches.val(cfg.eval_batches)
 
+    ``dist`` (``"ddp"`` or ``"fsdp"`` under ``torchrun``, or a :class:`~gpas_probe.distributed.DistContext`)
+    trains data-parallel: ``train_config.batch_size`` rows per rank, so the global batch is
+    ``batch_size * world`` (see :mod:`gpas_probe.distributed`); only rank 0 writes to ``out``.
+
+    A non-finite loss stops training with :class:`FloatingPointError` once the probes have recorded
+    the step and written their rows; the message names the first layer and site that went
+    non-finite when the step was recorded.
+    """
+    with distributed(dist, train_config.device) as ctx:
+        return _train(ctx, model_config, train_config, Path(out) if out is not None else None, resume, overwrite,
+                      observers, callback, probe, meta or {})
+
+
+def _train(ctx: DistContext, model_config: ModelConfig, cfg: TrainConfig, run_dir: Path | None, resume: bool,
+           overwrite: bool, observers: Sequence[StepObserver], callback: Callable[[StepInfo], None] | None,
+           probe: ProbeConfig | None, meta: dict[str, Any]) -> TrainResult:
+    if probe is not None and run_dir is None:
+        raise mark_shared(ValueError("probes need an output folder (out=...)"))
+
+    def load_data() -> tuple[Batches, list[tuple[torch.Tensor, torch.Tensor]]]:
+        corpus = load_corpus(cfg.data)
+        _check_inputs(model_config, cfg, corpus)
+        batches = Batches(corpus, cfg.batch_size, cfg.seq_len, cfg.seed)
+        return batches, batches.val(cfg.eval_batches, ctx.rank, ctx.world)
+
+    batches, val_batches = ctx.agree(load_data)
     torch.manual_seed(cfg.seed)
-    model = build_model(model_config).to(device)
-    optimizer = make_optimizer(model, cfg)
-    start = 0
-    run_dir = Path(out) if out is not None else None
-    run_meta = _run_meta(model_config, cfg, meta or {})
+    model = build_model(model_config).to(ctx.device)
+    run_meta = _run_meta(model_config, cfg, {**meta, "world_size": ctx.world})
+    ckpt: str | None = None
     if run_dir is not None:
-        prepare_run_dir(run_dir, run_meta, resume, overwrite)
-        if resume and (ckpts := find_checkpoints(run_dir)):
-            start = _restore(model, optimizer, ckpts[-1], device)
-            log.info("resumed %s at step %d", run_dir, start)
+        ckpt = ctx.on_main(lambda: _prepare(run_dir, run_meta, resume, overwrite))
+    trainer_state: dict[str, Any] | None = None
+    start = 0
+    if ckpt is not None:
+        trainer_state = ctx.agree(lambda: _restore_weights(model, Path(ckpt), ctx.device))
+        start = int(trainer_state["step"])
+        log.info("resumed %s at step %d", run_dir, start)
+    fwd = wrap_model(model, ctx)
+    optimizer = make_optimizer(model, cfg)
+    if trainer_state is not None:
+        load_optimizer_state(model, optimizer, trainer_state["optimizer"], ctx)
+    if resume and run_dir is not None:
+        ctx.on_main(lambda: _tidy_resumed(run_dir, start))
     if start >= cfg.steps:
         log.info("nothing to do: the run is already at step %d of %d", start, cfg.steps)
-    if probe is not None and run_dir is None:
-        raise ValueError("probes need an output folder (out=...)")
     probe_meta = {k: v for k, v in run_meta.items() if not k.endswith("_version")}  # the store adds versions
-    session = Probe(model, run_dir, config=probe, meta=probe_meta) if probe is not None else None
+    session = None
+    if probe is not None:
+        session = Probe(model, run_dir, config=probe, meta=probe_meta, write=ctx.is_main,
+                        all_reduce=ctx.all_reduce_stats if ctx.distributed else None, grad_scale=1 / ctx.world)
+    loop = _Loop(model, fwd, optimizer, cfg, batches, val_batches, ctx, run_dir,
+                 [*observers, session] if session else list(observers), session, callback)
     try:
-        return _loop(model, optimizer, cfg, batches, val_batches, device, start, run_dir,
-                     [*observers, session] if session else list(observers), callback)
+        return loop.run(start)
     finally:
         if session is not None:
             session.close()
 
 
-def _loop(model: Transformer, optimizer: torch.optim.Optimizer, cfg: TrainConfig, batches: Batches,
-          val_batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device, start: int,
-          run_dir: Path | None, observers: Sequence[StepObserver],
-          callback: Callable[[StepInfo], None] | None) -> TrainResult:
-
-    fwd = torch.compile(model) if cfg.compile else model
-    params = [p for p in model.parameters() if p.requires_grad]
-    tokens_per_step = cfg.batch_size * cfg.seq_len
-    history: list[StepInfo] = []
-    model.train()
-    t_last = time.perf_counter()
-    for step in range(start + 1, cfg.steps + 1):
-        for g in optimizer.param_groups:
-            g["lr"] = cfg.lr * lr_factor(step, cfg)
-        for o in observers:
-            o.begin_step(step)
-        x, y = (t.to(device, non_blocking=True) for t in batches.train(step))
-        with _autocast(device):
-            loss = fwd(x, y).loss
-        loss.backward()
-        for o in observers:
-            o.after_backward(step)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-        clip_gate_grad_(model, cfg.gate_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-        loss_value = loss.item()
-        now = time.perf_counter()
-        info = StepInfo(step, loss_value, optimizer.param_groups[0]["lr"], float(grad_norm),
-                        step * tokens_per_step, tokens_per_step / max(now - t_last, 1e-9))
-        t_last = now
-        last = step == cfg.steps
-        if (cfg.eval_every and step % cfg.eval_every == 0) or last:
-            info.val_loss = evaluate(fwd, val_batches, device)
-            log.info("step %d: loss %.4f, val loss %.4f", step, loss_value, info.val_loss)
-        for o in observers:
-            o.end_step(info)
-        history.append(info)
-        if callback is not None:
-            callback(info)
-        if not math.isfinite(loss_value):
-            raise FloatingPointError(f"non-finite loss {loss_value} at step {step}")
-        if run_dir is not None and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or last):
-            _save(model, optimizer, run_dir, step)
-            t_last = time.perf_counter()  # checkpoint time is not training throughput
-    model.eval()
-    return TrainResult(model, run_dir, max(start, cfg.steps), history)
+def _prepare(run_dir: Path, meta: dict[str, Any], resume: bool, overwrite: bool) -> str | None:
+    """Rank 0: set up the run folder; on resume, check the probe chunks and find the checkpoint."""
+    prepare_run_dir(run_dir, meta, resume, overwrite)
+    if not resume:
+        return None
+    truncate_after(run_dir / PROBES_DIR, 0, check_only=True)  # a corrupted chunk stops the resume here
+    ckpts = find_checkpoints(run_dir)
+    return str(ckpts[-1]) if ckpts else None
 
 
-def _save(model: Transformer, optimizer: torch.optim.Optimizer, run_dir: Path, step: int) -> None:
-    state = {"step": step, "optimizer": optimizer.state_dict()}
-    save_checkpoint(model, run_dir / "checkpoints" / f"step_{step:06d}", step=step,
-                    extra_files={TRAINER_STATE: state})
-
-
-def _restore(model: Transformer, optimizer: torch.optim.Optimizer, ckpt: Path, device: torch.device) -> int:
+def _restore_weights(model: Transformer, ckpt: Path, device: torch.device) -> dict[str, Any]:
+    """Load a checkpoint's weights into ``model`` (whole, before any sharding); returns its trainer state."""
     assign_weights(model, load_state(ckpt), str(ckpt))
-    state = torch.load(ckpt / TRAINER_STATE, map_location=device, weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
-    return int(state["step"])
+    path = ckpt / TRAINER_STATE
+    if not path.is_file():
+        raise FileNotFoundError(f"{ckpt}: missing {TRAINER_STATE}; this checkpoint cannot be resumed")
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except Exception as e:
+        reason = (str(e).splitlines() or [type(e).__name__])[0].split(". ")[0]
+        raise ValueError(f"{path}: unreadable trainer state ({reason})") from None
+    if not isinstance(state, dict) or "step" not in state or "optimizer" not in state:
+        raise ValueError(f"{path}: not a gpas-probe trainer state")
+    return state
+
+
+def _tidy_resumed(run_dir: Path, step: int) -> None:
+    """Rank 0, once the checkpoint has loaded: clear interrupted writes and drop probe rows after ``step``."""
+    remove_temporaries(run_dir / "checkpoints")
+    (run_dir / RUN_META).with_suffix(".tmp").unlink(missing_ok=True)
+    dropped = truncate_after(run_dir / PROBES_DIR, step)
+    if dropped:
+        log.info("%s: probe rows after step %d dropped from %d chunk(s)", run_dir, step, len(dropped))
+
+
+@dataclass
+class _Loop:
+    model: Transformer  # the model itself (sharded in place under FSDP)
+    fwd: nn.Module  # what forward/backward run through (DDP wrapper, compiled module, or the model)
+    optimizer: torch.optim.Optimizer
+    cfg: TrainConfig
+    batches: Batches
+    val_batches: list[tuple[torch.Tensor, torch.Tensor]]
+    ctx: DistContext
+    run_dir: Path | None
+    observers: Sequence[StepObserver]
+    session: Probe | None
+    callback: Callable[[StepInfo], None] | None
+
+    def run(self, start: int) -> TrainResult:
+        cfg, ctx, model = self.cfg, self.ctx, self.model
+        fwd = torch.compile(self.fwd) if cfg.compile else self.fwd
+        eval_model = model if ctx.mode == "ddp" else fwd  # DDP's wrapper adds nothing to a no-grad pass
+        params = [p for p in model.parameters() if p.requires_grad]
+        replicated = replicated_parameters(model) if ctx.mode == "fsdp" else []
+        tokens_per_step = cfg.batch_size * ctx.world * cfg.seq_len
+        history: list[StepInfo] = []
+        model.train()
+        t_last = time.perf_counter()
+        for step in range(start + 1, cfg.steps + 1):
+            for g in self.optimizer.param_groups:
+                g["lr"] = cfg.lr * lr_factor(step, cfg)
+            for o in self.observers:
+                o.begin_step(step)
+            x, y = (t.to(ctx.device, non_blocking=True) for t in self.batches.train(step, ctx.rank, ctx.world))
+            with _autocast(ctx.device):
+                loss = fwd(x, y).loss
+            loss.backward()
+            ctx.average_replicated_grads(replicated)
+            for o in self.observers:
+                o.after_backward(step)
+            grad_norm = clip_grad_norm(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf, ctx)
+            clip_gate_grad_(model, cfg.gate_clip)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+            loss_value = ctx.mean(loss.detach())
+            now = time.perf_counter()
+            info = StepInfo(step, loss_value, self.optimizer.param_groups[0]["lr"], grad_norm,
+                            step * tokens_per_step, tokens_per_step / max(now - t_last, 1e-9))
+            t_last = now
+            finite, last = math.isfinite(loss_value), step == cfg.steps
+            if finite and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
+                info.val_loss = ctx.mean(evaluate(eval_model, self.val_batches, ctx.device))
+                log.info("step %d: loss %.4f, val loss %.4f", step, loss_value, info.val_loss)
+            for o in self.observers:
+                o.end_step(info)
+            history.append(info)
+            if self.callback is not None:
+                self.callback(info)
+            if not finite:
+                raise self._non_finite(step, loss_value)
+            if self.run_dir is not None and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or last):
+                if self.session is not None:
+                    self.session.flush()  # the probe table on disk reaches every step the checkpoint covers
+                self._save(step)
+                t_last = time.perf_counter()  # checkpoint time is not training throughput
+        model.eval()
+        return TrainResult(model, self.run_dir, max(start, cfg.steps), history)
+
+    def _non_finite(self, step: int, loss: float) -> FloatingPointError:
+        """The error for a non-finite loss, after the probes have written what they recorded."""
+        session = self.session
+        rerun = "rerun with --probe-every 1 to find the first layer and site that went non-finite"
+        if session is None:
+            where = f"probes were off; {rerun}"
+        elif "activations" not in session.config.stats:
+            where = "the probes do not record activations; rerun with them and --probe-every 1"
+        elif session.last_recorded_step != step:
+            where = f"the probes did not record step {step}; {rerun}"
+        elif (first := session.first_non_finite()) is not None:
+            layer, site, direction = first
+            what = "activation" if direction == "fwd" else "gradient"
+            where = f"first non-finite value at layer {layer}, site {site} ({what})"
+        else:
+            where = f"every activation the probes recorded at step {step} is finite"
+        if session is not None:
+            session.flush()
+        error = mark_shared(FloatingPointError(f"non-finite loss ({loss}) at step {step}; {where}"))
+        return mark_quiet(error) if not self.ctx.is_main else error
+
+    def _save(self, step: int) -> None:
+        ctx = self.ctx
+        state = full_model_state(self.model, ctx)  # collectives under FSDP: every rank takes part
+        trainer_state = {"step": step, "optimizer": optimizer_state(self.model, self.optimizer, ctx)}
+        path = self.run_dir / "checkpoints" / f"step_{step:06d}"  # type: ignore[operator]
+        ctx.on_main(lambda: save_checkpoint(self.model, path, step=step, extra_files={TRAINER_STATE: trainer_state},
+                                            state=state))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-from gpas_probe.cli.main import app
 from typer.testing import CliRunner
 
+from gpas_probe.cli.main import app
 from gpas_probe.demo import DEMO_FIGURES
 
 runner = CliRunner()

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from gpas_probe.cli.main import app
 from typer.testing import CliRunner
 
+from gpas_probe.cli.main import app
 from gpas_probe.store import load_run
 
 runner = CliRunner()

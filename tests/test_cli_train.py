@@ -9,10 +9,10 @@ import sys
 
 import pytest
 import torch
-from gpas_probe.cli.main import app
 from typer.testing import CliRunner
 
 from gpas_probe import ModelConfig, NormScheme, build_model, load_checkpoint
+from gpas_probe.cli.main import app
 
 runner = CliRunner()
 

@@ -20,12 +20,11 @@ from typer.testing import CliRunner
 
 transformers = pytest.importorskip("transformers")
 
-from gpas_probe.cli.main import app  # noqa: E402
-
 import gpas_probe  # noqa: E402
 from gpas_probe import hf  # noqa: E402
 from gpas_probe.analysis.importance import layer_importance as native_importance  # noqa: E402
 from gpas_probe.checkpoint import load_checkpoint  # noqa: E402
+from gpas_probe.cli.main import app  # noqa: E402
 from gpas_probe.evaldata import load_eval_data  # noqa: E402
 from gpas_probe.model.block import SITES  # noqa: E402
 from gpas_probe.probes import ACTIVATION_SITES, Every, ProbeConfig  # noqa: E402

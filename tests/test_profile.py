@@ -17,11 +17,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import typer
-from gpas_probe.cli.profile import profile_cmd
 from typer.testing import CliRunner
 
 from gpas_probe.analysis.importance import layer_importance, naive_deletion_importance, to_long
 from gpas_probe.checkpoint import find_checkpoints, load_checkpoint
+from gpas_probe.cli.profile import profile_cmd
 from gpas_probe.config import ModelConfig, TrainConfig, get_preset
 from gpas_probe.evaldata import EvalData, eval_batches, load_eval_data
 from gpas_probe.probes import ACTIVATION_SITES

@@ -47,10 +47,24 @@ def _scaled(x: torch.Tensor, s: float) -> torch.Tensor:
     return x if s == 1.0 else x * s
 
 
-class Block(nn.Module):
-    def __init__(self, config: ModelConfig, layer: int) -> None:
+class ProbedLayer(nn.Module):
+    """A decoder layer the probes can record: a ``layer`` index, one :class:`HookPoint` per name in
+    :data:`SITES` (``hook_resid_pre`` ...), its parameters, and its GPAS gates (:meth:`gates`).
+    :class:`Block` is one; adapters around other models' layers are others."""
+
+    def __init__(self, layer: int) -> None:
         super().__init__()
         self.layer = layer
+        for site in SITES:
+            setattr(self, f"hook_{site}", HookPoint())
+
+    def gates(self) -> list[GPAS]:
+        return []
+
+
+class Block(ProbedLayer):
+    def __init__(self, config: ModelConfig, layer: int) -> None:
+        super().__init__(layer)
         self.family = family = config.family(layer)
         h, eps = config.hidden_size, config.rms_eps
 
@@ -73,9 +87,6 @@ class Block(nn.Module):
         self.shortcut_scale = config.deepnorm_alpha
         self.in_scale = 1 / math.sqrt(layer + 1) if config.norm is NormScheme.LNS else 1.0
         self.norm_gain_init = 1 / math.sqrt(layer + 1) if config.norm is NormScheme.LNS_GAIN else 1.0
-
-        for site in SITES:
-            setattr(self, f"hook_{site}", HookPoint())
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         x = self.hook_resid_pre(x)  # (B, T, hidden)

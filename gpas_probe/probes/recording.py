@@ -7,18 +7,21 @@ unrecorded step runs exactly the code it runs without probes.
 
 Statistics are kept as *sufficient statistics* (sums and maxima, or the latest value) in an
 :class:`Accumulator`. Several forward/backward passes in one step (gradient accumulation) add up,
-and a distributed run can all-reduce the sums (SUM) and maxima (MAX) before the one transfer to the
-host that :meth:`Accumulator.collect` makes.
+and a distributed run all-reduces the sums (SUM) and maxima (MAX) of every rank, each flattened into
+one tensor, before the one transfer to the host that :meth:`Accumulator.collect` makes.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
+
+from gpas_probe.distributed import is_sharded, key_checksum, local
 
 Key = tuple[Hashable, ...]
 Number = float | int | torch.Tensor
@@ -29,15 +32,29 @@ def stat_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.promote_types(t.dtype, torch.float32)
 
 
+#: How a value combines over the ranks of a distributed run: summed, maximised, or taken as it is
+#: (a value every rank holds the same, such as a replicated parameter's norm).
+SUM, MAX, SAME = "sum", "max", "same"
+#: ``all_reduce(sums, maxima) -> (sums, maxima)``: SUM- and MAX-reduces two flat float64 tensors.
+AllReduce = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
 class Accumulator:
-    """Named scalars accumulated on the device; values may also be plain host numbers."""
+    """Named scalars accumulated on the device; values may also be plain host numbers.
+
+    :meth:`add` sums and :meth:`max` maximises (over passes, and over ranks); :meth:`set` keeps the
+    latest value, which ranks share as it is unless ``reduce`` says SUM or MAX (a partial sum over a
+    rank's shard of a parameter is set with ``reduce=SUM``).
+    """
 
     def __init__(self) -> None:
         self._values: dict[Key, Number] = {}
+        self._reduce: dict[Key, str] = {}
 
     def add(self, key: Key, value: Number) -> None:
         old = self._values.get(key)
         self._values[key] = value if old is None else old + value
+        self._reduce[key] = SUM
 
     def max(self, key: Key, value: Number) -> None:
         old = self._values.get(key)
@@ -47,15 +64,24 @@ class Accumulator:
             self._values[key] = torch.maximum(torch.as_tensor(old), torch.as_tensor(value))
         else:
             self._values[key] = max(old, value)
+        self._reduce[key] = MAX
 
-    def set(self, key: Key, value: Number) -> None:
+    def set(self, key: Key, value: Number, reduce: str = SAME) -> None:
         self._values[key] = value
+        self._reduce[key] = reduce
 
     def __contains__(self, key: Key) -> bool:
         return key in self._values
 
-    def collect(self) -> dict[Key, float]:
-        """Every value as a Python float: device tensors are stacked and copied once per device."""
+    def collect(self, all_reduce: AllReduce | None = None) -> dict[Key, float]:
+        """Every value as a Python float: device tensors are stacked and copied once per device.
+
+        With ``all_reduce`` (a distributed run), the SUM values and the MAX values are each
+        flattened into one float64 tensor, reduced over ranks in one call, then copied to the host;
+        keys must be the same on every rank (they are checked with a checksum carried along).
+        """
+        if all_reduce is not None:
+            return self._collect_reduced(all_reduce)
         out: dict[Key, float] = {}
         by_device: dict[torch.device, list[tuple[Key, torch.Tensor]]] = {}
         for key, v in self._values.items():
@@ -69,16 +95,61 @@ class Accumulator:
             out.update((key, value) for (key, _), value in zip(items, flat, strict=True))
         return out
 
+    def _collect_reduced(self, all_reduce: AllReduce) -> dict[Key, float]:
+        keys = sorted(self._values, key=repr)  # the same order on every rank
+        device = next((v.device for v in self._values.values() if isinstance(v, torch.Tensor)), torch.device("cpu"))
+        groups = {kind: [k for k in keys if self._reduce[k] == kind] for kind in (SUM, MAX, SAME)}
+        check = key_checksum((k, self._reduce[k]) for k in keys)
+        flat = {kind: self._flat([self._values[k] for k in ks], device) for kind, ks in groups.items()}
+        # a NaN must survive MAX whatever the backend's max does with it: count NaNs with the sums
+        n_sum, n_max, nan = len(groups[SUM]), len(groups[MAX]), flat[MAX].isnan()
+        maxima = torch.cat([flat[MAX].masked_fill(nan, math.inf),
+                            torch.tensor([check, -check], dtype=torch.float64, device=device)])
+        sums, maxima = all_reduce(torch.cat([flat[SUM], nan.to(torch.float64)]), maxima)
+        maxima = torch.cat([maxima[:n_max].masked_fill(sums[n_sum:] > 0, math.nan), maxima[n_max:]])
+        every = torch.cat([sums[:n_sum], maxima, flat[SAME].to(sums.device)]).cpu().tolist()  # one copy to the host
+        checks = every[n_sum + n_max:n_sum + n_max + 2]
+        if checks[0] != -checks[1]:
+            raise RuntimeError("ranks recorded different probe statistics for the same step; every rank must "
+                               "run the same model and probe configuration")
+        host = {SUM: every[:n_sum], MAX: every[n_sum:n_sum + n_max], SAME: every[n_sum + n_max + 2:]}
+        return {k: v for kind, ks in groups.items() for k, v in zip(ks, host[kind], strict=True)}
+
+    @staticmethod
+    def _flat(values: list[Number], device: torch.device) -> torch.Tensor:
+        """One float64 tensor on ``device``: device values stacked, host numbers copied in one go."""
+        out = torch.empty(len(values), dtype=torch.float64, device=device)
+        on_device = [i for i, v in enumerate(values) if isinstance(v, torch.Tensor)]
+        on_host = [i for i, v in enumerate(values) if not isinstance(v, torch.Tensor)]
+        if on_device:
+            out[on_device] = torch.stack([values[i].detach().reshape(()).to(device=device, dtype=torch.float64)
+                                          for i in on_device])
+        if on_host:
+            out[on_host] = torch.tensor([float(values[i]) for i in on_host], dtype=torch.float64).to(device)
+        return out
+
 
 class Recording:
-    """The hooks and accumulated statistics of one armed step."""
+    """The hooks and accumulated statistics of one armed step.
 
-    def __init__(self, step: int, skip_first_position: bool = False, exclude: torch.Tensor | None = None) -> None:
+    ``grads_at_backward_end``: parameter gradients are read when :meth:`capture_grads` is called
+    after the backward pass (a distributed run, where DDP/FSDP reduce the gradients only at the end
+    of the backward) instead of by post-accumulate-grad hooks. ``grad_scale`` multiplies the
+    activation gradients the statistics see (``1 / world`` in a distributed run: each rank's loss is
+    its own mean, the global loss their mean).
+    """
+
+    def __init__(self, step: int, skip_first_position: bool = False, exclude: torch.Tensor | None = None, *,
+                 grads_at_backward_end: bool = False, grad_scale: float = 1.0) -> None:
         self.step = step
         self.acc = Accumulator()
         self.state: dict[Hashable, Any] = {}  # per-step scratch of the statistic families
+        self.grad_scale = grad_scale
         self._handles: list[RemovableHandle] = []
         self._grad_kinds: dict[int, set[str]] = {}
+        self._grad_index: dict[int, int] = {}  # id(param) -> the order it was first watched in
+        self._watched: list[tuple[nn.Parameter, set[str]]] = []
+        self._at_backward_end = grads_at_backward_end
         self._skip_first = skip_first_position
         self._exclude = exclude
         self._keep_cache: dict[tuple[int, int, torch.device], torch.Tensor | None] = {}
@@ -128,27 +199,41 @@ class Recording:
 
         self._handles.append(tensor.register_hook(hook))
 
-    def watch_grad(self, param: nn.Parameter, kind: str) -> None:
-        """Record ``param``'s accumulated gradient before any clipping: ``kind`` "sq" keeps its squared
-        norm under ``("grad_sq", id(param))``, "value" keeps a copy of a scalar gradient under
-        ``("grad", id(param))``. One post-accumulate-grad hook per parameter, whatever the kinds;
-        the latest accumulation wins, so gradient accumulation records the full step's gradient."""
+    def watch_grad(self, param: nn.Parameter, kind: str) -> Key:
+        """Record ``param``'s accumulated gradient before any clipping and return the key it is kept
+        under: ``kind`` "sq" keeps its squared norm under ``("grad_sq", i)``, "value" a copy of a
+        scalar gradient under ``("grad", i)``, ``i`` being the order the parameter was first watched
+        in (the same on every rank). One post-accumulate-grad hook per parameter, whatever the kinds;
+        the latest accumulation wins, so gradient accumulation records the full step's gradient.
+        A sharded (FSDP) gradient contributes its local shard's squared norm, summed over ranks."""
         kinds = self._grad_kinds.get(id(param))
         if kinds is None:
             kinds = self._grad_kinds[id(param)] = set()
-            self._handles.append(param.register_post_accumulate_grad_hook(
-                lambda p, kinds=kinds: self._grad_hook(p, kinds)))
+            self._grad_index[id(param)] = len(self._grad_index)
+            if self._at_backward_end:
+                self._watched.append((param, kinds))
+            else:
+                self._handles.append(param.register_post_accumulate_grad_hook(
+                    lambda p, kinds=kinds: self._grad_hook(p, kinds)))
         kinds.add(kind)
+        return ("grad_sq" if kind == "sq" else "grad", self._grad_index[id(param)])
+
+    def capture_grads(self) -> None:
+        """Read the watched gradients now (``grads_at_backward_end``; call after the backward pass)."""
+        for p, kinds in self._watched:
+            self._grad_hook(p, kinds)
 
     def _grad_hook(self, p: torch.Tensor, kinds: set[str]) -> None:
         g = p.grad
         if g is None:
             return
-        g = g.detach()
+        reduce = SUM if is_sharded(g) else SAME
+        g = local(g).detach()
+        i = self._grad_index[id(p)]
         if "sq" in kinds:
-            self.acc.set(("grad_sq", id(p)), g.to(stat_dtype(g)).pow(2).sum())
-        if "value" in kinds:
-            self.acc.set(("grad", id(p)), g.to(stat_dtype(g)).reshape(()).clone())  # clipping edits .grad in place
+            self.acc.set(("grad_sq", i), g.to(stat_dtype(g)).pow(2).sum(), reduce)
+        if "value" in kinds:  # a copy: clipping edits .grad in place
+            self.acc.set(("grad", i), g.to(stat_dtype(g)).reshape(-1).sum(), reduce)
 
     def close(self) -> None:
         """Remove every hook this recording registered (idempotent)."""
@@ -156,6 +241,7 @@ class Recording:
             h.remove()
         self._handles.clear()
         self._grad_kinds.clear()
+        self._watched.clear()
         self._keep_cache.clear()
         self.state.clear()
         self.closed = True

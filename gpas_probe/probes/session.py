@@ -15,6 +15,11 @@ Two ways to drive it:
 
   ``step(s)`` finishes step ``s`` and arms the hooks for step ``s + 1`` when the schedule records it.
 
+In a distributed run (``all_reduce`` given; :func:`gpas_probe.train.train` passes it under
+``--dist``), every rank records its own tokens, the statistics of all ranks are reduced before
+they are copied to the host, parameter gradients are read in ``after_backward`` (once DDP/FSDP have
+reduced them, before clipping), and only the rank with ``write=True`` stores rows.
+
 An armed step owns every hook it registers and removes them when it ends; an unrecorded step runs
 with no hook on the model. Forward passes with gradients disabled (evaluation) are not recorded, and
 several forward/backward passes in one step (gradient accumulation) are pooled. Closing the session
@@ -31,9 +36,10 @@ import pandas as pd
 import torch
 from torch import nn
 
-from gpas_probe.model.block import Block
+from gpas_probe.hf import instrument_if_hf
+from gpas_probe.model.block import ProbedLayer
 from gpas_probe.probes.config import ProbeConfig
-from gpas_probe.probes.recording import Recording
+from gpas_probe.probes.recording import AllReduce, Key, Recording
 from gpas_probe.probes.schedules import Every, Schedule, make_schedule
 from gpas_probe.probes.stats import (
     ActivationStats,
@@ -43,17 +49,36 @@ from gpas_probe.probes.stats import (
     ShortcutBranchStats,
     StatFamily,
 )
-from gpas_probe.store import PROBES_DIR, MemoryWriter, ProbeWriter
+from gpas_probe.store import PROBES_DIR, MemoryWriter, ProbeWriter, empty_frame
 
 log = logging.getLogger(__name__)
 
 
-def find_blocks(model: nn.Module) -> list[Block]:
+def find_blocks(model: nn.Module) -> list[ProbedLayer]:
     """The decoder layers of ``model`` (also inside wrappers such as DDP or torch.compile), by depth."""
-    blocks = sorted((m for m in model.modules() if isinstance(m, Block)), key=lambda b: b.layer)
+    blocks = sorted((m for m in model.modules() if isinstance(m, ProbedLayer)), key=lambda b: b.layer)
     if not blocks:
-        raise ValueError(f"{type(model).__name__} has no gpas_probe decoder layers (Block) to probe")
+        raise ValueError(f"{type(model).__name__} has no decoder layers to probe (gpas_probe Block or ProbedLayer)")
     return blocks
+
+
+class NullWriter:
+    """Discards rows (the ranks of a distributed run that do not write)."""
+
+    def add(self, *row: Any) -> None:
+        pass
+
+    def end_step(self) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def frame(self) -> pd.DataFrame:
+        return empty_frame()
 
 
 def _model_config(model: nn.Module) -> dict[str, Any] | None:
@@ -69,11 +94,17 @@ class Probe:
     :meth:`frame` returns them. ``schedule`` (a callable ``step -> bool``) overrides the config's.
     ``meta`` (the caller's model/train configs) is stored with the rows. ``optimizer`` lets
     :meth:`step` read the learning rate. ``model`` may be given later with :meth:`bind`.
+
+    Distributed runs: ``all_reduce(sums, maxima)`` reduces the statistics over ranks (see
+    :class:`gpas_probe.distributed.DistContext`), ``grad_scale`` scales the activation gradients
+    (``1 / world``: the global loss is the mean of the ranks' losses), and ``write=False`` computes
+    and reduces without storing rows (every rank but the first).
     """
 
     def __init__(self, model: nn.Module | None = None, out: str | Path | None = None, *,
                  config: ProbeConfig | None = None, schedule: Schedule | None = None, run_id: str | None = None,
-                 meta: dict[str, Any] | None = None, optimizer: torch.optim.Optimizer | None = None) -> None:
+                 meta: dict[str, Any] | None = None, optimizer: torch.optim.Optimizer | None = None,
+                 all_reduce: AllReduce | None = None, grad_scale: float = 1.0, write: bool = True) -> None:
         self.config = config or ProbeConfig()
         self.schedule = schedule or make_schedule(self.config)
         self.out = Path(out) if out is not None else None
@@ -82,7 +113,12 @@ class Probe:
         self._meta = dict(meta or {})
         self._families: list[StatFamily] = []
         self._model_stats: ModelStats | None = None
-        self._writer: ProbeWriter | MemoryWriter | None = None
+        self._writer: ProbeWriter | MemoryWriter | NullWriter | None = None
+        self._all_reduce = all_reduce
+        self._grad_scale = grad_scale
+        self._write = write
+        self._activations: ActivationStats | None = None
+        self._last: tuple[int, dict[Key, float]] | None = None  # the last recorded step's values
         self._rec: Recording | None = None
         self._exclude: torch.Tensor | None = None
         self.model: nn.Module | None = None
@@ -96,16 +132,20 @@ class Probe:
         if self.model is not None:
             raise RuntimeError("this probe is already bound to a model")
         self._check_open()
+        instrument_if_hf(model)  # a Hugging Face model gets its probed layers (gpas_probe.hf)
         blocks = find_blocks(model)
         cfg = self.config
         makers = {"activations": ActivationStats, "ratios": ShortcutBranchStats, "params": ParamStats,
                   "gpas": GateStats}
         self._families = [makers[name](blocks, cfg) for name in cfg.stats if name in makers]
+        self._activations = next((f for f in self._families if isinstance(f, ActivationStats)), None)
         if "model" in cfg.stats:
             self._model_stats = ModelStats(model)
             self._families.append(self._model_stats)
         self.model = model
-        if self.out is not None:
+        if not self._write:
+            self._writer = NullWriter()
+        elif self.out is not None:
             meta = {"probe_config": cfg.to_dict(), **self._meta}
             if "model_config" not in meta and (mc := _model_config(model)) is not None:
                 meta["model_config"] = mc
@@ -147,7 +187,8 @@ class Probe:
 
     def _arm(self, step: int) -> None:
         self._disarm()
-        rec = Recording(step, self.config.skip_first_position, self._exclude)
+        rec = Recording(step, self.config.skip_first_position, self._exclude,
+                        grads_at_backward_end=self._all_reduce is not None, grad_scale=self._grad_scale)
         self._rec = rec
         try:
             for family in self._families:
@@ -185,9 +226,10 @@ class Probe:
         try:
             for family in self._families:
                 family.finish(rec, info)
-            values = rec.acc.collect()
+            values = rec.acc.collect(self._all_reduce)
         finally:
             self._disarm()
+        self._last = (step, values)
         emit = self._emit(step)
         for family in self._families:
             family.rows(values, info, emit)
@@ -205,7 +247,10 @@ class Probe:
             self._disarm()
 
     def after_backward(self, step: int) -> None:
-        """Nothing to do: parameter gradients are read by post-accumulate-grad hooks, before clipping."""
+        """After the backward pass, before clipping: a distributed run reads parameter gradients here
+        (a single process has read them in post-accumulate-grad hooks already)."""
+        if self._rec is not None and self._all_reduce is not None:
+            self._rec.capture_grads()
 
     def end_step(self, info: Any) -> None:
         """After ``optimizer.step()``: ``info`` is a :class:`gpas_probe.train.StepInfo`."""
@@ -236,6 +281,19 @@ class Probe:
             self._arm(step + 1)
 
     # -- output ----------------------------------------------------------------------------------
+    @property
+    def last_recorded_step(self) -> int | None:
+        """The last step whose statistics were recorded (None before the first)."""
+        return self._last[0] if self._last is not None else None
+
+    def first_non_finite(self) -> tuple[int, str, str] | None:
+        """Where the last recorded step first went non-finite: ``(layer, site, direction)`` of the
+        first activation statistic that is NaN or infinite, in forward order (then gradients, in
+        backward order); None when all are finite or activations are not recorded."""
+        if self._last is None or self._activations is None:
+            return None
+        return self._activations.first_non_finite(self._last[1])
+
     def flush(self) -> None:
         if self._writer is not None:
             self._writer.flush()

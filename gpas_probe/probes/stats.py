@@ -25,9 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gpas_probe.distributed import is_sharded, local
 from gpas_probe.model.block import Block
 from gpas_probe.probes.config import ProbeConfig
-from gpas_probe.probes.recording import Key, Recording, stat_dtype
+from gpas_probe.probes.recording import SAME, SUM, Key, Recording, stat_dtype
 
 Emit = Callable[[int, str, str, str, float], None]  # (layer, site, direction, stat, value)
 MODEL_LAYER = -1
@@ -101,7 +102,20 @@ class ActivationStats(StatFamily):
             rec.on_grad(x, lambda g: self._backward(rec, layer, site, keep, g))
 
     def _backward(self, rec: Recording, layer: int, site: str, keep: torch.Tensor | None, grad: torch.Tensor) -> None:
+        if rec.grad_scale != 1.0:  # a rank's share of the global loss's gradient
+            grad = grad * rec.grad_scale
         add_moments(rec, (layer, site, "bwd"), grad, keep)
+
+    def first_non_finite(self, values: Mapping[Key, float]) -> tuple[int, str, str] | None:
+        """The first ``(layer, site, direction)`` whose statistics are not finite: activations in
+        forward order, then gradients in backward order (last layer first); None if all are finite."""
+        order = [(b.layer, site, "fwd") for b in self.blocks for site in self.sites]
+        order += [(b.layer, site, "bwd") for b in reversed(self.blocks) for site in reversed(self.sites)]
+        for key in order:
+            stats = [values.get(key + (s,)) for s in ("sq", "var", "absmax")]
+            if any(v is not None and not math.isfinite(v) for v in stats):
+                return key  # type: ignore[return-value]
+        return None
 
     def rows(self, values: Mapping[Key, float], info: Mapping[str, Any], emit: Emit) -> None:
         for block in self.blocks:
@@ -170,11 +184,26 @@ def _sum_sq(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return sum((t.detach().to(stat_dtype(t)).pow(2).sum() for t in tensors), torch.zeros(()))
 
 
+def set_sum_sq(rec: Recording, key: Key, tensors: Sequence[torch.Tensor], sharded: Sequence[bool]) -> None:
+    """Keep the squared norm of ``tensors`` (local parts) under ``key + ("sharded",)`` (FSDP shards,
+    summed over ranks) and ``key + ("whole",)`` (whole tensors, the same on every rank)."""
+    parts = {"sharded": [t for t, s in zip(tensors, sharded, strict=True) if s],
+             "whole": [t for t, s in zip(tensors, sharded, strict=True) if not s]}
+    for name, ts in parts.items():
+        if ts:
+            rec.acc.set(key + (name,), _sum_sq(ts), SUM if name == "sharded" else SAME)
+
+
+def get_sum_sq(values: Mapping[Key, float], key: Key) -> float | None:
+    found = [values[k] for name in ("sharded", "whole") if (k := key + (name,)) in values]
+    return sum(found) if found else None
+
+
 class ParamStats(StatFamily):
     """Per decoder layer, over its trainable parameters: gradient norm, weight norm, update ratio.
 
-    Arming copies the layer's weights (to measure the update), so a recorded step holds one extra
-    copy of the decoder's parameters until it ends.
+    Arming copies the layer's weights (this rank's shards under FSDP) to measure the update, so a
+    recorded step holds one extra copy of the decoder's parameters until it ends.
     """
 
     name = "params"
@@ -182,33 +211,34 @@ class ParamStats(StatFamily):
     def __init__(self, blocks: Sequence[Block], config: ProbeConfig) -> None:
         self.blocks = blocks
         self.layers: list[tuple[int, list[nn.Parameter]]] = []
+        self.grad_keys: dict[int, list[Key]] = {}
 
     def arm(self, rec: Recording) -> None:
         # parameters are looked up on every arm, so replaced parameter objects are followed
         self.layers = [(b.layer, [p for p in b.parameters() if p.requires_grad]) for b in self.blocks]
         for layer, params in self.layers:
-            snapshot = [p.detach().clone() for p in params]
+            snapshot = [local(p).detach().clone() for p in params]
             rec.state[(self.name, layer)] = snapshot
-            rec.acc.set((layer, "params", "w_sq"), _sum_sq(snapshot))
-            for p in params:
-                rec.watch_grad(p, "sq")
+            set_sum_sq(rec, (layer, "params", "w_sq"), snapshot, [is_sharded(p) for p in params])
+            self.grad_keys[layer] = [rec.watch_grad(p, "sq") for p in params]
 
     def finish(self, rec: Recording, info: Mapping[str, Any]) -> None:
         for layer, params in self.layers:
             snapshot = rec.state.pop((self.name, layer))
-            deltas = [p.detach().to(stat_dtype(p)) - s.to(stat_dtype(s)) for p, s in zip(params, snapshot, strict=True)]
-            rec.acc.set((layer, "params", "d_sq"), _sum_sq(deltas))
+            deltas = [local(p).detach().to(stat_dtype(p)) - s.to(stat_dtype(s))
+                      for p, s in zip(params, snapshot, strict=True)]
+            set_sum_sq(rec, (layer, "params", "d_sq"), deltas, [is_sharded(p) for p in params])
 
     def rows(self, values: Mapping[Key, float], info: Mapping[str, Any], emit: Emit) -> None:
-        for layer, params in self.layers:
-            grads = [values[k] for p in params if (k := ("grad_sq", id(p))) in values]
+        for layer, _params in self.layers:
+            grads = [values[k] for k in self.grad_keys.get(layer, ()) if k in values]
             if grads:
                 emit(layer, "params", "none", "grad_norm", _sqrt(sum(grads)))
-            w_sq = values.get((layer, "params", "w_sq"))
+            w_sq = get_sum_sq(values, (layer, "params", "w_sq"))
             if w_sq is None:
                 continue
             emit(layer, "params", "none", "weight_norm", _sqrt(w_sq))
-            if (d_sq := values.get((layer, "params", "d_sq"))) is not None:
+            if (d_sq := get_sum_sq(values, (layer, "params", "d_sq"))) is not None:
                 emit(layer, "params", "none", "update_ratio", _div(_sqrt(d_sq), _sqrt(w_sq)))
 
 
@@ -226,6 +256,7 @@ class GateStats(StatFamily):
 
     def __init__(self, blocks: Sequence[Block], config: ProbeConfig) -> None:
         self.gates = [(b.layer, site, g) for b in blocks for site, g in gate_sites(b)]
+        self.grad_keys: dict[tuple[int, str], Key] = {}
 
     def arm(self, rec: Recording) -> None:
         for layer, site, gate in self.gates:
@@ -235,15 +266,15 @@ class GateStats(StatFamily):
             rec.acc.set((layer, site, "silu_alpha"), silu)
             rec.acc.set((layer, site, "scale"), 1 - silu)
             if gate.alpha.requires_grad:
-                rec.watch_grad(gate.alpha, "value")
+                self.grad_keys[(layer, site)] = rec.watch_grad(gate.alpha, "value")
 
     def rows(self, values: Mapping[Key, float], info: Mapping[str, Any], emit: Emit) -> None:
-        for layer, site, gate in self.gates:
+        for layer, site, _gate in self.gates:
             if (layer, site, "alpha") not in values:
                 continue
             for stat in ("alpha", "silu_alpha", "scale"):
                 emit(layer, site, "none", stat, values[(layer, site, stat)])
-            if (key := ("grad", id(gate.alpha))) in values:
+            if (key := self.grad_keys.get((layer, site))) is not None and key in values:
                 emit(layer, site, "none", "alpha_grad", values[key])
 
 
@@ -259,12 +290,10 @@ class ModelStats(StatFamily):
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model
-        self.params: list[nn.Parameter] = []
+        self.grad_keys: list[Key] = []
 
     def arm(self, rec: Recording) -> None:
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        for p in self.params:
-            rec.watch_grad(p, "sq")
+        self.grad_keys = [rec.watch_grad(p, "sq") for p in self.model.parameters() if p.requires_grad]
 
     def finish(self, rec: Recording, info: Mapping[str, Any]) -> None:
         loss = info.get("loss")
@@ -276,7 +305,7 @@ class ModelStats(StatFamily):
         if ("model", "loss") in values:
             host["loss"] = values[("model", "loss")]
         if host.get("grad_norm") is None:
-            grads = [values[k] for p in self.params if (k := ("grad_sq", id(p))) in values]
+            grads = [values[k] for k in self.grad_keys if k in values]
             host["grad_norm"] = _sqrt(sum(grads)) if grads else None
         self.host_rows(host, emit)
 
