@@ -101,7 +101,15 @@ def hf_config(config: ModelConfig, step: int | None = None) -> dict[str, Any]:
 
 def _atomic_dir(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes 0700; a checkpoint gets ordinary folder permissions
+    return tmp
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _publish_dir(tmp: Path, path: Path) -> None:

@@ -415,3 +415,15 @@ def run_info(path: str | Path) -> dict[str, Any]:
         "size": f"{size:,} bytes in {len(files)} chunk(s)"
         + (f", {size / len(frame):.1f} bytes/row" if len(frame) else ""),
     }
+
+
+def check_table(data: pd.DataFrame, empty_error: type[ValueError] = ValueError) -> None:
+    """Raise ``ValueError`` unless ``data`` is a long probe table with the schema's columns, and
+    ``empty_error`` (a ``ValueError``) when it has no rows."""
+    if not isinstance(data, pd.DataFrame):
+        raise ValueError(f"data must be a pandas DataFrame, got {type(data).__name__}")
+    missing = [c for c in COLUMNS if c not in data.columns]
+    if missing:
+        raise ValueError(f"data is missing columns {missing}; expected {list(COLUMNS)}")
+    if data.empty:
+        raise empty_error("data has no rows")

@@ -240,3 +240,20 @@ def test_the_table_lists_every_case() -> None:
     rows = [line for line in table.splitlines() if line.startswith("| ") and "`" in line]
     for case in CASES:
         assert any(f"| {case} |" in row for row in rows), case
+
+
+def test_error_text_in_brackets_is_shown_verbatim(tmp_path):
+    # rich markup must not eat "[hf]" from an install hint
+    import typer
+    from typer.testing import CliRunner
+
+    from gpas_probe.cli.common import fail
+
+    app = typer.Typer()
+
+    @app.command()
+    def boom() -> None:
+        fail('install it with pip install "gpas-probe[hf]"')
+
+    res = CliRunner().invoke(app, [])
+    assert res.exit_code == 2 and 'gpas-probe[hf]' in res.output

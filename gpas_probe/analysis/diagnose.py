@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gpas_probe.analysis.summary import REQUIRED_COLUMNS
+from gpas_probe.store import check_table
 
 log = logging.getLogger(__name__)
 
@@ -162,16 +162,6 @@ def _json_value(v: Any) -> Any:
 # ------------------------------------------------------------------------------------------ evidence
 
 
-def _check(data: pd.DataFrame) -> None:
-    if not isinstance(data, pd.DataFrame):
-        raise ValueError(f"data must be a pandas DataFrame, got {type(data).__name__}")
-    missing = [c for c in REQUIRED_COLUMNS if c not in data.columns]
-    if missing:
-        raise ValueError(f"data is missing columns {missing}; expected {list(REQUIRED_COLUMNS)}")
-    if data.empty:
-        raise ValueError("data has no rows")
-
-
 def _rows(data: pd.DataFrame, sites: list[str], stat: str, direction: str | None) -> pd.DataFrame:
     """Per-layer rows of ``stat`` at ``sites`` (one column filtered at a time, most selective first)."""
     out = data[np.asarray(data["stat"] == stat, dtype=bool)]
@@ -226,7 +216,7 @@ def diagnose(data: pd.DataFrame, thresholds: Thresholds | None = None, step: int
 
     ``run`` picks a run when ``data`` holds several (or use :func:`diagnose_runs`). ``step`` reads
     every signal at that step; by default each signal at the last step it was recorded."""
-    _check(data)
+    check_table(data)
     th = thresholds or Thresholds()
     present = [str(r) for r in pd.unique(data["run_id"])]
     if run is None:
@@ -345,5 +335,5 @@ def diagnose(data: pd.DataFrame, thresholds: Thresholds | None = None, step: int
 def diagnose_runs(data: pd.DataFrame, thresholds: Thresholds | None = None,
                   step: int | None = None) -> dict[str, Diagnosis]:
     """:func:`diagnose` for each run in ``data``, keyed by run id in order of first appearance."""
-    _check(data)
+    check_table(data)
     return {str(r): diagnose(data, thresholds, step, run=str(r)) for r in pd.unique(data["run_id"])}

@@ -8,9 +8,10 @@ import math
 import numpy as np
 import pandas as pd
 
+from gpas_probe.store import check_table
+
 logger = logging.getLogger(__name__)
 
-REQUIRED_COLUMNS = ("run_id", "step", "layer", "site", "direction", "stat", "value")
 GATE_SITES = ("gpas", "gpas_attn", "gpas_mlp")
 SUMMARY_COLUMNS = ("final_val_loss", "final_loss", "steps", "top_bottom_var_ratio", "deep_ratio", "gate_min",
                    "gate_max")
@@ -73,13 +74,7 @@ def compare_runs(data: pd.DataFrame) -> pd.DataFrame:
             sites (``gpas``, ``gpas_attn``, ``gpas_mlp``) at the last step with gate rows; computed from
             ``alpha`` when ``scale`` was not recorded; NaN for a run without gates.
     """
-    if not isinstance(data, pd.DataFrame):
-        raise ValueError(f"data must be a pandas DataFrame, got {type(data).__name__}")
-    missing = [c for c in REQUIRED_COLUMNS if c not in data.columns]
-    if missing:
-        raise ValueError(f"data is missing columns {missing}; expected {list(REQUIRED_COLUMNS)}")
-    if data.empty:
-        raise ValueError("data has no rows")
+    check_table(data)
 
     runs = [str(r) for r in pd.unique(data["run_id"])]
     out = pd.DataFrame(index=pd.Index(runs, name="run_id"), columns=list(SUMMARY_COLUMNS), dtype=float)

@@ -16,7 +16,8 @@ import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.ticker import LogFormatter
 
-REQUIRED_COLUMNS = ("run_id", "step", "layer", "site", "direction", "stat", "value")
+from gpas_probe.store import check_table
+
 GATE_SITES = ("gpas", "gpas_attn", "gpas_mlp")
 
 STAT_NAMES = {"var": "variance", "rms": "RMS", "absmax": "max |x|", "grad_norm": "gradient norm",
@@ -32,13 +33,7 @@ class MissingDataError(ValueError):
 
 def check_frame(data: pd.DataFrame) -> None:
     """Raise ``ValueError`` unless ``data`` is a non-empty long table with the schema's columns."""
-    if not isinstance(data, pd.DataFrame):
-        raise ValueError(f"data must be a pandas DataFrame, got {type(data).__name__}")
-    missing = [c for c in REQUIRED_COLUMNS if c not in data.columns]
-    if missing:
-        raise ValueError(f"data is missing columns {missing}; expected {list(REQUIRED_COLUMNS)}")
-    if data.empty:
-        raise MissingDataError("data has no rows")
+    check_table(data, MissingDataError)
 
 
 def select(data: pd.DataFrame, **equal: Any) -> pd.DataFrame:
