@@ -1,5 +1,5 @@
 """Bad input to the CLI: one ``error:`` line, exit code 2, no traceback, and an existing run left
-byte for byte as it was. Each case is a row of the table in notes/bad_inputs.md (and the README)."""
+byte for byte as it was. Each case is a row of the README's table of bad inputs."""
 
 from __future__ import annotations
 
@@ -236,7 +236,7 @@ def test_a_value_of_the_wrong_type_gets_typers_usage_message(tmp_path: Path, tex
 
 
 def test_the_table_lists_every_case() -> None:
-    table = (Path(__file__).parents[1] / "notes" / "bad_inputs.md").read_text()
+    table = (Path(__file__).parents[1] / "README.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and "`" in line]
     for case in CASES:
         assert any(f"| {case} |" in row for row in rows), case
