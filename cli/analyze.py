@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import numpy as np
 import typer
 from rich.table import Table
@@ -35,7 +36,10 @@ def _plot_command(kind: str):
         output: Path = typer.Option(..., "--output", "-o", help="Figure file: .png, .svg or .pdf."),
     ) -> None:
         fig = make_figure(kind, load_runs(runs))
-        save_figure(fig, output)
+        try:
+            save_figure(fig, output)
+        finally:
+            plt.close(fig)
         console.print(f"wrote {output}")
 
     command.__doc__ = FIGURE_HELP.get(kind, kind)
