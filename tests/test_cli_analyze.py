@@ -89,3 +89,25 @@ def test_demo_end_to_end(tmp_path):
     res = runner.invoke(app, ["demo", "--preset", "tiny", "--steps", "2", "--out", str(out)])
     assert res.exit_code == 2 and "--overwrite" in res.output  # an earlier demo is never replaced silently
     _ok(["demo", "--preset", "tiny", "--steps", "2", "--probe-every", "1", "--out", str(out), "--overwrite"])
+
+
+def _commands() -> list[list[str]]:
+    import typer.main
+
+    group = typer.main.get_command(app)
+    paths = []
+    for name, cmd in group.commands.items():
+        paths.append([name])
+        paths += [[name, sub] for sub in getattr(cmd, "commands", {})]
+    return paths
+
+
+@pytest.mark.parametrize("path", _commands(), ids=lambda p: " ".join(p))
+def test_every_command_has_help(path):
+    text = _ok([*path, "--help"])
+    assert "Usage:" in text
+
+
+def test_all_commands_are_registered():
+    names = {p[0] for p in _commands()}
+    assert {"demo", "train", "plot", "info", "compare", "profile", "diagnose"} <= names
