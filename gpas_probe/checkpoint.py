@@ -112,7 +112,7 @@ def _umask() -> int:
     return mask
 
 
-def _publish_dir(tmp: Path, path: Path) -> None:
+def publish_dir(tmp: Path, path: Path) -> None:
     """Move a finished temporary directory into place, replacing any older one whole."""
     if path.exists():
         old = path.with_name(f".{path.name}.old-{os.getpid()}")
@@ -166,7 +166,7 @@ def save_checkpoint(model: Transformer, path: str | Path, step: int | None = Non
         (tmp / CONFIG_NAME).write_text(json.dumps(hf_config(model.config, step), indent=2) + "\n")
         for name, obj in (extra_files or {}).items():
             torch.save(obj, tmp / name)
-        _publish_dir(tmp, path)
+        publish_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -67,7 +67,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpas_probe.analysis.importance import layer_importance, to_long
-from gpas_probe.checkpoint import CONFIG_NAME, find_checkpoints, load_checkpoint, read_config, resolve_checkpoint
+from gpas_probe.checkpoint import (
+    CONFIG_NAME,
+    find_checkpoints,
+    load_checkpoint,
+    publish_dir,
+    read_config,
+    resolve_checkpoint,
+)
 from gpas_probe.evaldata import TOKENIZER_FILE, EvalData, load_eval_data
 from gpas_probe.foreign import architecture, checkpoint_step
 from gpas_probe.model import IGNORE_INDEX, Transformer
@@ -268,16 +275,6 @@ def _check_destination(dest: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{dest} exists and is not a profile folder (no {PROFILE_FILE}); refusing to replace it")
 
 
-def _publish(tmp: Path, dest: Path) -> None:
-    if dest.exists():
-        old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
-        os.replace(dest, old)
-        os.replace(tmp, dest)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, dest)
-
-
 def _dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -445,7 +442,7 @@ def _profile_run(name: str, ckpts: list[Path], out: Path, source: _Data, options
         writer.close()
         summary = {"run_id": name, **options, "checkpoints": record}
         (tmp / PROFILE_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        _publish(tmp, dest)
+        publish_dir(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
