@@ -91,7 +91,8 @@ class Accumulator:
                 out[key] = float(v)
         for items in by_device.values():
             dtype = torch.float64 if any(t.dtype == torch.float64 for _, t in items) else torch.float32
-            flat = torch.stack([t.detach().reshape(()).to(dtype) for _, t in items]).cpu().tolist()
+            flat = torch.stack([t if t.dim() == 0 and t.dtype == dtype else t.reshape(()).to(dtype)
+                                for _, t in items]).detach().cpu().tolist()
             out.update((key, value) for (key, _), value in zip(items, flat, strict=True))
         return out
 
@@ -231,7 +232,7 @@ class Recording:
         g = local(g).detach()
         i = self._grad_index[id(p)]
         if "sq" in kinds:
-            self.acc.set(("grad_sq", i), g.to(stat_dtype(g)).pow(2).sum(), reduce)
+            self.acc.set(("grad_sq", i), torch.linalg.vector_norm(g, dtype=stat_dtype(g)).square(), reduce)
         if "value" in kinds:  # a copy: clipping edits .grad in place
             self.acc.set(("grad", i), g.to(stat_dtype(g)).reshape(-1).sum(), reduce)
 

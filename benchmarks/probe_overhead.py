@@ -1,0 +1,253 @@
+"""Training-step overhead of the probes: recording every step, every 10, every 100, and no probes.
+
+One model and one optimizer; the variants (no probe, and a :class:`~gpas_probe.probes.Probe` recording
+every 1, 10 and 100 of its own steps) take turns step by step in one process, in an order that
+rotates every round, so drifting machine load hits every variant alike. A step mirrors
+:func:`gpas_probe.train.train`: lr update, ``begin_step``, forward (bf16 autocast with ``--dtype
+bf16``, as ``train`` does on CUDA), backward, ``after_backward``, global gradient clip, gate clip,
+``optimizer.step()``, ``zero_grad``, ``loss.item()``, ``end_step`` with a
+:class:`~gpas_probe.train.StepInfo`. The probes write their parquet chunks to a temporary folder
+(flushes included).
+
+Each round yields, per variant, the ratio of its step time to the no-probe step of the same round;
+the medians of those ratios give the cost of a recorded and of a not-recorded step, and the
+amortised overhead of recording every N steps is ``(recorded + (N - 1) x not recorded) / N``. The
+ratio of total times over the run is printed as a cross-check (noisier: it is a mean). On a CPU
+both wall-clock and process CPU time are reported (CPU time is less disturbed by other processes).
+``--breakdown`` instead times each statistic family alone, recording every step.
+
+Goals: every-step overhead <= 10% on CPU and <= 3% on GPU; every-100 <= 1%; a not-recorded step
+costs the same as a step with no probes.
+
+    python benchmarks/probe_overhead.py                        # small preset (24 x 64), CPU, 1 thread
+    python benchmarks/probe_overhead.py --threads 2 --rounds 100
+    python benchmarks/probe_overhead.py --breakdown --rounds 30
+    python benchmarks/probe_overhead.py --device cuda --preset 71m --dtype bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import statistics
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+
+from gpas_probe.config import ModelConfig, TrainConfig, get_preset
+from gpas_probe.gpas import clip_gate_grad_
+from gpas_probe.model import build_model
+from gpas_probe.probes import FAMILIES, Every, Probe, ProbeConfig
+from gpas_probe.train import StepInfo, make_optimizer
+
+EVERY = (1, 10, 100)
+GOALS = {"cpu": {1: 0.10, 100: 0.01}, "cuda": {1: 0.03, 100: 0.01}}
+NOT_RECORDED_TOLERANCE = 0.01  # a not-recorded step within 1% of a plain one counts as "the same"
+
+
+def machine(device: torch.device) -> str:
+    """CPU model, torch threads, GPU, torch version and load average, in one line."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    try:
+        with open("/proc/loadavg") as f:
+            load = " ".join(f.read().split()[:3])
+    except OSError:
+        load = "n/a"
+    gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
+    return (f"{cpu} ({torch.multiprocessing.cpu_count()} cores), {torch.get_num_threads()} torch threads{gpu}; "
+            f"torch {torch.__version__}; load average {load}")
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+class Sample(NamedTuple):
+    wall: float
+    cpu: float
+    recorded: bool
+
+
+class Runner:
+    """One training step as :func:`gpas_probe.train.train` runs it, with the given observers."""
+
+    def __init__(self, model: torch.nn.Module, cfg: TrainConfig, device: torch.device, autocast: bool,
+                 batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.model, self.cfg, self.device, self.batches = model, cfg, device, batches
+        self.optimizer = make_optimizer(model, cfg)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.autocast = autocast
+        self.tokens_per_step = cfg.batch_size * cfg.seq_len
+
+    def step(self, step: int, observers: list[Probe], batch_index: int) -> tuple[float, float]:
+        """Run update ``step`` with ``observers``; returns its (wall, process CPU) time in seconds."""
+        model, cfg, device = self.model, self.cfg, self.device
+        sync(device)
+        t0, c0 = time.perf_counter(), time.process_time()
+        for g in self.optimizer.param_groups:
+            g["lr"] = cfg.lr
+        for o in observers:
+            o.begin_step(step)
+        x, y = self.batches[batch_index % len(self.batches)]
+        ctx = torch.autocast(device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
+        with ctx:
+            loss = model(x, y).loss
+        loss.backward()
+        for o in observers:
+            o.after_backward(step)
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+        clip_gate_grad_(model, cfg.gate_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_value = loss.item()
+        info = StepInfo(step, loss_value, self.optimizer.param_groups[0]["lr"], float(grad_norm),
+                        step * self.tokens_per_step, 0.0)
+        for o in observers:
+            o.end_step(info)
+        sync(device)
+        return time.perf_counter() - t0, time.process_time() - c0
+
+
+def interleave(runner: Runner, probes: dict[str, Probe | None], rounds: int, warmup: int) -> list[dict[str, Sample]]:
+    """``warmup`` + ``rounds`` rounds of one step per variant (rotating order); the timed rounds."""
+    names = list(probes)
+    steps = dict.fromkeys(names, 0)
+    out = []
+    for r in range(warmup + rounds):
+        k = r % len(names)
+        samples = {}
+        for name in names[k:] + names[:k]:
+            probe = probes[name]
+            steps[name] += 1
+            recorded = probe is not None and probe.schedule(steps[name])
+            wall, cpu = runner.step(steps[name], [probe] if probe is not None else [], r)
+            samples[name] = Sample(wall, cpu, recorded)
+        if r >= warmup:
+            out.append(samples)
+    return out
+
+
+def ratios(rounds: list[dict[str, Sample]], name: str, clock: str, recorded: bool) -> list[float]:
+    """Per round: ``name``'s step time over the no-probe step time of that round, minus one."""
+    return [getattr(s[name], clock) / getattr(s["none"], clock) - 1 for s in rounds if s[name].recorded == recorded]
+
+
+def whole_run(rounds: list[dict[str, Sample]], name: str, clock: str) -> float:
+    return sum(getattr(s[name], clock) for s in rounds) / sum(getattr(s["none"], clock) for s in rounds) - 1
+
+
+def main_schedules(args: argparse.Namespace, runner: Runner, model: torch.nn.Module, tmp: Path) -> None:
+    probes: dict[str, Probe | None] = {"none": None}
+    for n in EVERY:
+        probes[f"every {n}"] = Probe(model, tmp / f"every{n}", config=ProbeConfig(), schedule=Every(n))
+    rounds = interleave(runner, probes, args.rounds, args.warmup)
+    for p in probes.values():
+        if p is not None:
+            p.close()
+    rows = len(probes["every 1"].frame()) // (args.warmup + args.rounds)  # type: ignore[union-attr]
+
+    device = runner.device
+    clocks = ("wall",) if device.type == "cuda" else ("wall", "cpu")
+    base = statistics.median(s["none"].wall for s in rounds)
+    print(f"\nstep with no probes: median {base * 1e3:.2f} ms wall; a recorded step writes {rows:,} rows")
+    print("overheads: medians over rounds of (variant step time / no-probe step time of the same round) - 1")
+    probe_names = [n for n in probes if n != "none"]
+    results = {}
+    for clock in clocks:
+        rec = statistics.median(v for n in probe_names for v in ratios(rounds, n, clock, True))
+        unrec = statistics.median(v for n in probe_names for v in ratios(rounds, n, clock, False))
+        amortised = {n: (rec + (n - 1) * unrec) / n for n in EVERY}
+        results[clock] = rec, unrec, amortised
+        print(f"\n[{clock} clock]")
+        print(f"  recorded step     : {rec:+8.2%}")
+        print(f"  not-recorded step : {unrec:+8.2%}   (goal: the same as no probes)")
+        for n in EVERY:
+            print(f"  every {n:<3d}         : {amortised[n]:+8.2%} amortised;  whole-run total/total "
+                  f"{whole_run(rounds, f'every {n}', clock):+.2%}")
+
+    clock = clocks[-1]
+    rec, unrec, amortised = results[clock]
+    goals = GOALS["cuda" if device.type == "cuda" else "cpu"]
+    print(f"\nsummary | {clock} clock | measured | goal | verdict")
+    for n in EVERY:
+        goal = goals.get(n)
+        verdict = "-" if goal is None else ("met" if amortised[n] <= goal else f"missed by {amortised[n] - goal:.1%}")
+        print(f"summary | every {n} | {amortised[n]:+.2%} | {'-' if goal is None else f'<= {goal:.0%}'} | {verdict}")
+    same = abs(unrec) <= NOT_RECORDED_TOLERANCE
+    print(f"summary | not-recorded step | {unrec:+.2%} | same as no probes (within "
+          f"{NOT_RECORDED_TOLERANCE:.0%}) | {'met' if same else 'missed'}")
+
+
+def main_breakdown(args: argparse.Namespace, runner: Runner, model: torch.nn.Module, tmp: Path) -> None:
+    probes: dict[str, Probe | None] = {"none": None}
+    for family in (*FAMILIES, "all"):
+        stats = FAMILIES if family == "all" else (family,)
+        probes[family] = Probe(model, tmp / family, config=ProbeConfig(stats=stats), schedule=Every(1))
+    rounds = interleave(runner, probes, args.rounds, args.warmup)
+    for p in probes.values():
+        if p is not None:
+            p.close()
+    clock = "wall" if runner.device.type == "cuda" else "cpu"
+    base = statistics.median(getattr(s["none"], clock) for s in rounds)
+    print(f"\nrecorded-step overhead of each statistic family alone ({clock} clock; no-probe step "
+          f"{base * 1e3:.2f} ms):")
+    for name in probes:
+        if name != "none":
+            med = statistics.median(ratios(rounds, name, clock, True))
+            print(f"summary | {name} | {med:+.2%} | {med * base * 1e3:+.2f} ms")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="small", help="model preset (default: small, 24 layers x 64)")
+    ap.add_argument("--gpas", action=argparse.BooleanOptionalAction, default=True,
+                    help="GPAS gates in the model (adds the gate statistics); default on")
+    ap.add_argument("--batch-size", type=int, default=0, help="default: the preset's, at most 16")
+    ap.add_argument("--seq-len", type=int, default=0, help="default: the preset's")
+    ap.add_argument("--rounds", type=int, default=120, help="timed steps per variant")
+    ap.add_argument("--warmup", type=int, default=5, help="untimed rounds first")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32",
+                    help="bf16: bf16 autocast, as train() runs on CUDA; fp32: plain fp32, as on CPU")
+    ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
+    ap.add_argument("--breakdown", action="store_true", help="time each statistic family alone instead")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but no CUDA device is available")
+
+    preset = get_preset(args.preset)
+    config = ModelConfig.from_preset(args.preset, gpas=args.gpas)
+    batch = args.batch_size or min(16, preset.train.get("batch_size", 16))
+    seq = args.seq_len or preset.train.get("seq_len", 128)
+    cfg = TrainConfig(steps=10**9, lr=1e-4, batch_size=batch, seq_len=seq, device=args.device)
+    torch.manual_seed(0)
+    model = build_model(config).to(device)
+    g = torch.Generator().manual_seed(0)
+    batches = [(torch.randint(0, config.vocab_size, (batch, seq), generator=g).to(device),
+                torch.randint(0, config.vocab_size, (batch, seq), generator=g).to(device)) for _ in range(8)]
+    runner = Runner(model, cfg, device, args.dtype == "bf16", batches)
+
+    print(f"machine: {machine(device)}")
+    print(f"model: {args.preset} preset{' + GPAS' if args.gpas else ''}, {config.num_layers} layers x "
+          f"{config.hidden_size}, {model.num_parameters():,} parameters; batch {batch} x {seq}; {device}, "
+          f"{args.dtype}; {args.rounds} timed steps per variant after {args.warmup} warm-up rounds")
+    with tempfile.TemporaryDirectory() as tmp:
+        (main_breakdown if args.breakdown else main_schedules)(args, runner, model, Path(tmp))
+
+
+if __name__ == "__main__":
+    main()
