@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import statistics
 import tempfile
 import time
@@ -38,6 +37,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
+from _machine import torch_machine
 
 from gpas_probe.config import ModelConfig, TrainConfig, get_preset
 from gpas_probe.gpas import clip_gate_grad_
@@ -51,21 +51,7 @@ NOT_RECORDED_TOLERANCE = 0.01  # a not-recorded step within 1% of a plain one co
 
 
 def machine(device: torch.device) -> str:
-    """CPU model, torch threads, GPU, torch version and load average, in one line."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        with open("/proc/loadavg") as f:
-            load = " ".join(f.read().split()[:3])
-    except OSError:
-        load = "n/a"
-    gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
-    return (f"{cpu} ({torch.multiprocessing.cpu_count()} cores), {torch.get_num_threads()} torch threads{gpu}; "
-            f"torch {torch.__version__}; load average {load}")
+    return torch_machine(device)
 
 
 def sync(device: torch.device) -> None:

@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import resource
 import shutil
 import subprocess
@@ -35,6 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _machine import describe
 
 GOAL_SECONDS = 15.0
 GOAL_MIB = 2048.0
@@ -139,19 +138,7 @@ def machine() -> str:
     import pandas as pd
     import pyarrow as pa
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        with open("/proc/loadavg") as f:
-            load = " ".join(f.read().split()[:3])
-    except OSError:
-        load = "n/a"
-    return (f"{cpu} ({os.cpu_count()} cores); pandas {pd.__version__}, pyarrow {pa.__version__}; "
-            f"load average {load}")
+    return describe(f"pandas {pd.__version__}, pyarrow {pa.__version__}")
 
 
 def main() -> None:

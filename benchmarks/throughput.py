@@ -22,13 +22,13 @@ Goal: ours / Hugging Face >= 1.0x, on CPU and on GPU.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
+from _machine import torch_machine
 
 from gpas_probe.checkpoint import hf_config, parameter_map
 from gpas_probe.config import ModelConfig, get_preset
@@ -38,21 +38,7 @@ GOAL = 1.0
 
 
 def machine(device: torch.device) -> str:
-    """CPU model, torch threads, GPU, torch version and load average, in one line."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    try:
-        with open("/proc/loadavg") as f:
-            load = " ".join(f.read().split()[:3])
-    except OSError:
-        load = "n/a"
-    gpu = f", GPU {torch.cuda.get_device_name(device)}" if device.type == "cuda" else ""
-    return (f"{cpu} ({torch.multiprocessing.cpu_count()} cores), {torch.get_num_threads()} torch threads{gpu}; "
-            f"torch {torch.__version__}; load average {load}")
+    return torch_machine(device)
 
 
 def hf_twin(ours: torch.nn.Module, config: ModelConfig) -> torch.nn.Module:
