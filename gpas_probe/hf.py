@@ -498,28 +498,15 @@ def layer_importance(model: nn.Module, batches: Iterable[tuple[torch.Tensor, ...
     here if it is not yet), as :func:`gpas_probe.analysis.importance.layer_importance` returns them
     for our model: keys ``deletion``, ``angular``, ``block_influence``. Batches are
     ``(input_ids, labels[, mask])`` with labels already shifted, -100 where there is no target."""
-    from gpas_probe.analysis.importance import _angular_frame, _deletion_frame, _influence_frame, _Sums
+    from gpas_probe.analysis.importance import _accumulate, _frames
 
     layers = [b for b in instrument(model) if isinstance(b, HFLayer)]
     if not layers:
         raise ValueError(f"{type(model).__name__} is not a Hugging Face model; use "
                          f"gpas_probe.analysis.importance.layer_importance")
-    sums = _Sums(len(layers), True, True, True)
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.inference_mode():
-            for batch in batches:
-                _update(model, layers, batch, sums, device)
-    finally:
-        model.train(was_training)
-    if sums.tokens == 0:
-        raise ValueError("no batch has a target token (every label is -100)")
-    if sums.sequences == 0 or sums.mask_tokens == 0:
-        raise ValueError("no batch has a sequence with a real token")
-    return {"deletion": _deletion_frame(sums), "angular": _angular_frame(sums, normalize_rows),
-            "block_influence": _influence_frame(sums)}
+    sums = _accumulate(model, batches, len(layers), lambda b, s, d: _update(model, layers, b, s, d),
+                       deletion=True, angular=True, influence=True)
+    return _frames(sums, normalize_rows)
 
 
 # ---------------------------------------------------------------------------------------- Trainer

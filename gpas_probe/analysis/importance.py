@@ -40,6 +40,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from gpas_probe.model import IGNORE_INDEX, Transformer
 
@@ -168,16 +169,19 @@ def _update(model: Transformer, batch: Batch, sums: _Sums, device: torch.device)
         sums.sequences += len(rows)
 
 
-def _run(model: Transformer, batches: Iterable[Batch], *, deletion: bool = False, angular: bool = False,
-         influence: bool = False) -> _Sums:
-    sums = _Sums(len(model.layers), deletion, angular, influence)
+def _accumulate(model: nn.Module, batches: Iterable[Batch], num_layers: int,
+                update: Callable[[Batch, _Sums, torch.device], None], *, deletion: bool = False,
+                angular: bool = False, influence: bool = False) -> _Sums:
+    """Stream ``batches`` through ``update`` in eval and inference mode, then check that they had data.
+    Shared by our model (:func:`_update`) and Hugging Face models (``gpas_probe.hf``)."""
+    sums = _Sums(num_layers, deletion, angular, influence)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
             for batch in batches:
-                _update(model, batch, sums, device)
+                update(batch, sums, device)
     finally:
         model.train(was_training)
     if deletion and sums.tokens == 0:
@@ -187,6 +191,10 @@ def _run(model: Transformer, batches: Iterable[Batch], *, deletion: bool = False
     if influence and sums.mask_tokens == 0:
         raise ValueError("no batch has a real token")
     return sums
+
+
+def _run(model: Transformer, batches: Iterable[Batch], **flags: bool) -> _Sums:
+    return _accumulate(model, batches, len(model.layers), lambda b, s, d: _update(model, b, s, d), **flags)
 
 
 # ---------------------------------------------------------------------------------------- the frames
@@ -276,7 +284,10 @@ def block_influence(model: Transformer, batches: Iterable[Batch]) -> pd.DataFram
 def layer_importance(model: Transformer, batches: Iterable[Batch],
                      normalize_rows: bool = False) -> dict[str, pd.DataFrame]:
     """All three analyses in one streamed pass: keys ``deletion``, ``angular``, ``block_influence``."""
-    sums = _run(model, batches, deletion=True, angular=True, influence=True)
+    return _frames(_run(model, batches, deletion=True, angular=True, influence=True), normalize_rows)
+
+
+def _frames(sums: _Sums, normalize_rows: bool) -> dict[str, pd.DataFrame]:
     return {"deletion": _deletion_frame(sums), "angular": _angular_frame(sums, normalize_rows),
             "block_influence": _influence_frame(sums)}
 
