@@ -311,7 +311,7 @@ def _tidy_resumed(run_dir: Path, step: int) -> None:
 @dataclass
 class _Loop:
     model: Transformer  # the model itself (sharded in place under FSDP)
-    fwd: nn.Module  # what forward/backward run through (DDP wrapper, compiled module, or the model)
+    fwd: nn.Module  # what forward/backward run through (the DDP wrapper or the model; compiled in run)
     optimizer: torch.optim.Optimizer
     cfg: TrainConfig
     batches: Batches
@@ -324,8 +324,10 @@ class _Loop:
 
     def run(self, start: int) -> TrainResult:
         cfg, ctx, model = self.cfg, self.ctx, self.model
-        fwd = torch.compile(self.fwd) if cfg.compile else self.fwd
-        eval_model = model if ctx.mode == "ddp" else fwd  # DDP's wrapper adds nothing to a no-grad pass
+        # A recorded step runs the eager module: probe hooks never enter the compiled graph, so
+        # recording neither recompiles it nor traces the statistics code (one graph for training).
+        compiled = torch.compile(self.fwd) if cfg.compile else self.fwd
+        eval_model = model if ctx.mode == "ddp" else compiled  # DDP's wrapper adds nothing to a no-grad pass
         params = [p for p in model.parameters() if p.requires_grad]
         replicated = replicated_parameters(model) if ctx.mode == "fsdp" else []
         tokens_per_step = cfg.batch_size * ctx.world * cfg.seq_len
@@ -338,8 +340,9 @@ class _Loop:
             for o in self.observers:
                 o.begin_step(step)
             x, y = (t.to(ctx.device, non_blocking=True) for t in self.batches.train(step, ctx.rank, ctx.world))
+            recorded = self.session is not None and self.session.recording_step == step
             with _autocast(ctx.device):
-                loss = fwd(x, y).loss
+                loss = (self.fwd if recorded else compiled)(x, y).loss
             loss.backward()
             ctx.average_replicated_grads(replicated)
             for o in self.observers:

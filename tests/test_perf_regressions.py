@@ -2,6 +2,9 @@
 
 - A step the schedule does not record runs no hook at all, in a real ``train()`` with probes every 10
   steps (the observer protocol with a hand-made schedule is covered in ``tests/test_probes.py``).
+- ``train(compile=True)`` with probes on compiles exactly the graphs it compiles without probes (the
+  hooks never enter the compiled graph, so recorded steps neither recompile nor trace statistics
+  code) and agrees with an eager run step for step, probe rows included.
 - The probe writer's memory is bounded by ``flush_rows`` (plus one step's rows), during training and
   against a brute-force model of when chunks are written.
 - ``load_run``'s de-duplication, which only compares rows of steps that several chunks share, gives
@@ -94,6 +97,33 @@ def test_unrecorded_steps_of_a_real_run_carry_no_hook_and_run_no_hook_code(monke
     frame = load_run(tmp_path / "run")
     assert set(frame[frame.layer >= 0].step) == recorded
     assert set(frame[frame.layer < 0].step) == recorded | {5, 15, 25}  # validation losses of unrecorded steps
+
+
+# -- torch.compile with probes on ------------------------------------------------------------------
+def _compiled_run(tmp_path: Path, name: str, compile: bool, probe: ProbeConfig | None) -> tuple[int, object]:
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = ModelConfig(**{**get_preset("tiny").model, "num_layers": 2, "gpas": True})
+    result = train_mod.train(cfg, _tiny_train(6, eval_every=3, compile=compile), tmp_path / name, probe=probe)
+    return counters["stats"]["unique_graphs"], result
+
+
+def test_compile_with_probes_compiles_no_more_graphs_and_matches_eager(tmp_path) -> None:
+    probe = ProbeConfig(every=2)
+    plain_graphs, _ = _compiled_run(tmp_path, "plain", True, None)
+    probed_graphs, compiled = _compiled_run(tmp_path, "compiled", True, probe)
+    _, eager = _compiled_run(tmp_path, "eager", False, probe)
+    assert plain_graphs > 0  # the counter does count this run's compilations
+    assert probed_graphs == plain_graphs
+    np.testing.assert_allclose([h.loss for h in compiled.history], [h.loss for h in eager.history], rtol=1e-4)
+    a, b = load_run(tmp_path / "compiled"), load_run(tmp_path / "eager")
+    key = ["step", "layer", "site", "direction", "stat"]
+    a, b = (t.sort_values(key).reset_index(drop=True) for t in (a, b))
+    pd.testing.assert_frame_equal(a[key], b[key])
+    assert sorted(a.loc[a["direction"] == "fwd", "step"].unique()) == [1, 2, 4, 6]  # the schedule's steps
+    np.testing.assert_allclose(a["value"], b["value"], rtol=1e-3, atol=1e-6)
 
 
 # -- the writer's memory is bounded ----------------------------------------------------------------
