@@ -136,7 +136,8 @@ def whole_run(rounds: list[dict[str, Sample]], name: str, clock: str) -> float:
 def main_schedules(args: argparse.Namespace, runner: Runner, model: torch.nn.Module, tmp: Path) -> None:
     probes: dict[str, Probe | None] = {"none": None}
     for n in EVERY:
-        probes[f"every {n}"] = Probe(model, tmp / f"every{n}", config=ProbeConfig(), schedule=Every(n))
+        probes[f"every {n}"] = Probe(model, tmp / f"every{n}", config=ProbeConfig(), schedule=Every(n),
+                                      grads_at_backward_end=True)  # as train() does
     rounds = interleave(runner, probes, args.rounds, args.warmup)
     for p in probes.values():
         if p is not None:
@@ -179,7 +180,8 @@ def main_breakdown(args: argparse.Namespace, runner: Runner, model: torch.nn.Mod
     probes: dict[str, Probe | None] = {"none": None}
     for family in (*FAMILIES, "all"):
         stats = FAMILIES if family == "all" else (family,)
-        probes[family] = Probe(model, tmp / family, config=ProbeConfig(stats=stats), schedule=Every(1))
+        probes[family] = Probe(model, tmp / family, config=ProbeConfig(stats=stats), schedule=Every(1),
+                                grads_at_backward_end=True)
     rounds = interleave(runner, probes, args.rounds, args.warmup)
     for p in probes.values():
         if p is not None:

@@ -86,14 +86,21 @@ def torchrun_world_size() -> int | None:
     return None
 
 
+_PLAIN = (torch.Tensor, torch.nn.Parameter)  # the common case, answered without attribute lookups
+
+
 def is_sharded(t: torch.Tensor) -> bool:
     """Whether ``t`` is a DTensor holding a shard (FSDP2's parameters and gradients)."""
+    if type(t) in _PLAIN:
+        return False
     placements = getattr(t, "placements", None)
     return placements is not None and any(p.is_shard() for p in placements)
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
     """This rank's part of a DTensor (the tensor itself otherwise)."""
+    if type(t) in _PLAIN:
+        return t
     to_local = getattr(t, "to_local", None)
     return to_local() if callable(to_local) else t
 

@@ -165,8 +165,9 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("grads_at_backward_end", [False, True], ids=["grad-hooks", "grads-at-backward-end"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_every_statistic_matches_brute_force(case: str) -> None:
+def test_every_statistic_matches_brute_force(case: str, grads_at_backward_end: bool) -> None:
     dtype, overrides, pad, skip_first, rtol = CASES[case]
     model = _model(dtype, **overrides)
     x, y = _batch(1)
@@ -175,7 +176,8 @@ def test_every_statistic_matches_brute_force(case: str) -> None:
         lengths = torch.tensor([T, T - 3, T - 7])
         exclude = torch.arange(T)[None, :] >= lengths[:, None]
         y = y.masked_fill(exclude, -100)
-    probe = Probe(model, config=ProbeConfig(every=1, skip_first_position=skip_first))
+    probe = Probe(model, config=ProbeConfig(every=1, skip_first_position=skip_first),
+                  grads_at_backward_end=grads_at_backward_end)
     probe.set_exclude_mask(exclude)
     with probe:
         exp, _ = _reference_step(model, probe, 1, x, y, exclude, skip_first, val_loss=2.5)
@@ -379,6 +381,18 @@ def test_non_finite_values_are_recorded(tmp_path) -> None:
     assert math.isfinite(values[(1, "resid_post", "fwd", "rms")])
     assert not math.isfinite(values[(2, "mlp_out", "fwd", "absmax")])
     assert math.isnan(values[(-1, "model", "none", "loss")]) and math.isnan(values[(-1, "model", "none", "grad_norm")])
+
+
+def test_a_step_with_every_token_excluded_records_nan_and_is_not_called_non_finite() -> None:
+    model = _model()
+    with Probe(model, config=ProbeConfig(every=1, stats=("activations",))) as probe:
+        probe.set_exclude_mask(torch.ones(B, T, dtype=torch.bool))
+        probe.begin_step(1)
+        model(*_batch(7)).loss.backward()
+        probe.end_step(SimpleNamespace(step=1))
+        frame = probe.frame()
+        assert probe.first_non_finite() is None
+    assert len(frame) and frame["value"].isna().all()  # var, rms and absmax of no token: undefined
 
 
 def test_schedules_match_their_definitions() -> None:

@@ -74,7 +74,7 @@ class Accumulator:
         return key in self._values
 
     def collect(self, all_reduce: AllReduce | None = None) -> dict[Key, float]:
-        """Every value as a Python float: device tensors are stacked and copied once per device.
+        """Every value as a Python float: accelerator tensors are stacked and copied once per device.
 
         With ``all_reduce`` (a distributed run), the SUM values and the MAX values are each
         flattened into one float64 tensor, reduced over ranks in one call, then copied to the host;
@@ -85,9 +85,9 @@ class Accumulator:
         out: dict[Key, float] = {}
         by_device: dict[torch.device, list[tuple[Key, torch.Tensor]]] = {}
         for key, v in self._values.items():
-            if isinstance(v, torch.Tensor):
+            if isinstance(v, torch.Tensor) and v.device.type != "cpu":
                 by_device.setdefault(v.device, []).append((key, v))
-            else:
+            else:  # a host number, or a CPU tensor: reading it directly beats stacking on the host
                 out[key] = float(v)
         for items in by_device.values():
             dtype = torch.float64 if any(t.dtype == torch.float64 for _, t in items) else torch.float32
@@ -154,6 +154,7 @@ class Recording:
         self._skip_first = skip_first_position
         self._exclude = exclude
         self._keep_cache: dict[tuple[int, int, torch.device], torch.Tensor | None] = {}
+        self._scratch: dict[tuple[tuple[int, ...], torch.dtype, torch.device], torch.Tensor] = {}
         self.closed = False
 
     # -- token masks ---------------------------------------------------------------------------
@@ -180,6 +181,15 @@ class Recording:
                 keep[:, 0] = False
             self._keep_cache[cache_key] = keep
         return self._keep_cache[cache_key]
+
+    def scratch(self, like: torch.Tensor) -> torch.Tensor:
+        """A buffer of ``like``'s shape, dtype and device, reused by every statistic of this step that
+        needs an activation-sized temporary (hooks run one at a time): no allocation per statistic."""
+        key = (tuple(like.shape), like.dtype, like.device)
+        buf = self._scratch.get(key)
+        if buf is None:
+            buf = self._scratch[key] = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+        return buf
 
     # -- hooks ---------------------------------------------------------------------------------
     def on_forward(self, module: nn.Module, fn: Callable[[torch.Tensor], None]) -> None:
@@ -220,9 +230,24 @@ class Recording:
         return ("grad_sq" if kind == "sq" else "grad", self._grad_index[id(param)])
 
     def capture_grads(self) -> None:
-        """Read the watched gradients now (``grads_at_backward_end``; call after the backward pass)."""
+        """Read the watched gradients now (``grads_at_backward_end``; call after the backward pass):
+        the squared norms of all of them in one fused norm per dtype instead of one per parameter."""
+        by_dtype: dict[torch.dtype, list[tuple[int, torch.Tensor, str]]] = {}
         for p, kinds in self._watched:
-            self._grad_hook(p, kinds)
+            g = p.grad
+            if g is None:
+                continue
+            reduce, i = SUM if is_sharded(g) else SAME, self._grad_index[id(p)]
+            g = local(g).detach()
+            if "sq" in kinds:
+                by_dtype.setdefault(g.dtype, []).append((i, g, reduce))
+            if "value" in kinds:
+                self._grad_value(i, g, reduce)
+        for items in by_dtype.values():
+            grads = [g for _, g, _ in items]
+            squares = torch.stack(torch._foreach_norm(grads, 2, dtype=stat_dtype(grads[0]))).square()
+            for (i, _, reduce), sq in zip(items, squares.unbind(), strict=True):
+                self.acc.set(("grad_sq", i), sq, reduce)
 
     def _grad_hook(self, p: torch.Tensor, kinds: set[str]) -> None:
         g = p.grad
@@ -233,8 +258,11 @@ class Recording:
         i = self._grad_index[id(p)]
         if "sq" in kinds:
             self.acc.set(("grad_sq", i), torch.linalg.vector_norm(g, dtype=stat_dtype(g)).square(), reduce)
-        if "value" in kinds:  # a copy: clipping edits .grad in place
-            self.acc.set(("grad", i), g.to(stat_dtype(g)).reshape(-1).sum(), reduce)
+        if "value" in kinds:
+            self._grad_value(i, g, reduce)
+
+    def _grad_value(self, i: int, g: torch.Tensor, reduce: str) -> None:
+        self.acc.set(("grad", i), g.to(stat_dtype(g)).reshape(-1).sum(), reduce)  # a copy: clipping edits .grad
 
     def close(self) -> None:
         """Remove every hook this recording registered (idempotent)."""
@@ -244,6 +272,7 @@ class Recording:
         self._grad_kinds.clear()
         self._watched.clear()
         self._keep_cache.clear()
+        self._scratch.clear()
         self.state.clear()
         self.closed = True
 

@@ -99,12 +99,17 @@ class Probe:
     :class:`gpas_probe.distributed.DistContext`), ``grad_scale`` scales the activation gradients
     (``1 / world``: the global loss is the mean of the ranks' losses), and ``write=False`` computes
     and reduces without storing rows (every rank but the first).
+
+    ``grads_at_backward_end``: the driver calls :meth:`after_backward` after every backward pass,
+    before clipping (:func:`gpas_probe.train.train` does); parameter gradients are then read there
+    with one fused norm instead of a hook per parameter. Distributed runs always read them there.
     """
 
     def __init__(self, model: nn.Module | None = None, out: str | Path | None = None, *,
                  config: ProbeConfig | None = None, schedule: Schedule | None = None, run_id: str | None = None,
                  meta: dict[str, Any] | None = None, optimizer: torch.optim.Optimizer | None = None,
-                 all_reduce: AllReduce | None = None, grad_scale: float = 1.0, write: bool = True) -> None:
+                 all_reduce: AllReduce | None = None, grad_scale: float = 1.0, write: bool = True,
+                 grads_at_backward_end: bool = False) -> None:
         self.config = config or ProbeConfig()
         self.schedule = schedule or make_schedule(self.config)
         self.out = Path(out) if out is not None else None
@@ -117,6 +122,7 @@ class Probe:
         self._all_reduce = all_reduce
         self._grad_scale = grad_scale
         self._write = write
+        self._grads_at_end = grads_at_backward_end or all_reduce is not None
         self._activations: ActivationStats | None = None
         self._last: tuple[int, dict[Key, float]] | None = None  # the last recorded step's values
         self._rec: Recording | None = None
@@ -188,7 +194,7 @@ class Probe:
     def _arm(self, step: int) -> None:
         self._disarm()
         rec = Recording(step, self.config.skip_first_position, self._exclude,
-                        grads_at_backward_end=self._all_reduce is not None, grad_scale=self._grad_scale)
+                        grads_at_backward_end=self._grads_at_end, grad_scale=self._grad_scale)
         self._rec = rec
         try:
             for family in self._families:
@@ -247,9 +253,9 @@ class Probe:
             self._disarm()
 
     def after_backward(self, step: int) -> None:
-        """After the backward pass, before clipping: a distributed run reads parameter gradients here
-        (a single process has read them in post-accumulate-grad hooks already)."""
-        if self._rec is not None and self._all_reduce is not None:
+        """After the backward pass, before clipping: parameter gradients are read here when
+        ``grads_at_backward_end`` (or in a distributed run); otherwise hooks have read them already."""
+        if self._rec is not None and self._grads_at_end:
             self._rec.capture_grads()
 
     def end_step(self, info: Any) -> None:
