@@ -135,9 +135,9 @@ class Recording:
 
     ``grads_at_backward_end``: parameter gradients are read when :meth:`capture_grads` is called
     after the backward pass (a distributed run, where DDP/FSDP reduce the gradients only at the end
-    of the backward) instead of by post-accumulate-grad hooks. ``grad_scale`` multiplies the
-    activation gradients the statistics see (``1 / world`` in a distributed run: each rank's loss is
-    its own mean, the global loss their mean).
+    of the backward) instead of by post-accumulate-grad hooks. ``grad_scale`` is the factor the
+    statistics of activation gradients are reported with (``1 / world`` in a distributed run: each
+    rank's loss is its own mean, the global loss their mean); families apply it to their results.
     """
 
     def __init__(self, step: int, skip_first_position: bool = False, exclude: torch.Tensor | None = None, *,
@@ -149,7 +149,7 @@ class Recording:
         self._handles: list[RemovableHandle] = []
         self._grad_kinds: dict[int, set[str]] = {}
         self._grad_index: dict[int, int] = {}  # id(param) -> the order it was first watched in
-        self._watched: list[tuple[nn.Parameter, set[str]]] = []
+        self._watched: list[tuple[nn.Parameter, set[str], int]] = []
         self._at_backward_end = grads_at_backward_end
         self._skip_first = skip_first_position
         self._exclude = exclude
@@ -222,23 +222,24 @@ class Recording:
             kinds = self._grad_kinds[id(param)] = set()
             self._grad_index[id(param)] = len(self._grad_index)
             if self._at_backward_end:
-                self._watched.append((param, kinds))
+                self._watched.append((param, kinds, self._grad_index[id(param)]))
             else:
                 self._handles.append(param.register_post_accumulate_grad_hook(
                     lambda p, kinds=kinds: self._grad_hook(p, kinds)))
         kinds.add(kind)
         return ("grad_sq" if kind == "sq" else "grad", self._grad_index[id(param)])
 
+    @torch.no_grad()
     def capture_grads(self) -> None:
         """Read the watched gradients now (``grads_at_backward_end``; call after the backward pass):
         the squared norms of all of them in one fused norm per dtype instead of one per parameter."""
         by_dtype: dict[torch.dtype, list[tuple[int, torch.Tensor, str]]] = {}
-        for p, kinds in self._watched:
+        for p, kinds, i in self._watched:
             g = p.grad
             if g is None:
                 continue
-            reduce, i = SUM if is_sharded(g) else SAME, self._grad_index[id(p)]
-            g = local(g).detach()
+            reduce = SUM if is_sharded(g) else SAME
+            g = local(g)
             if "sq" in kinds:
                 by_dtype.setdefault(g.dtype, []).append((i, g, reduce))
             if "value" in kinds:
@@ -262,7 +263,8 @@ class Recording:
             self._grad_value(i, g, reduce)
 
     def _grad_value(self, i: int, g: torch.Tensor, reduce: str) -> None:
-        self.acc.set(("grad", i), g.to(stat_dtype(g)).reshape(-1).sum(), reduce)  # a copy: clipping edits .grad
+        # a copy (clipping edits .grad in place)
+        self.acc.set(("grad", i), g.detach().to(stat_dtype(g)).reshape(-1).sum(), reduce)
 
     def close(self) -> None:
         """Remove every hook this recording registered (idempotent)."""

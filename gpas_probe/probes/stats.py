@@ -89,13 +89,18 @@ def moments(x: torch.Tensor, keep: torch.Tensor | None, scratch: torch.Tensor | 
                    _masked(x.amax(-1), keep, -math.inf).amax(), _masked(x.amin(-1).neg(), keep, -math.inf).amax())
 
 
-def add_moments(rec: Recording, key: Key, x: torch.Tensor, keep: torch.Tensor | None) -> None:
-    """Accumulate the :class:`Moments` of ``x`` (B, T, hidden) under ``key``.
+def moment_keys(key: Key) -> Moments:
+    """The accumulator keys of the :class:`Moments` of ``key``, field by field."""
+    return Moments(*(key + (name,) for name in Moments._fields))
+
+
+def add_moments(rec: Recording, keys: Moments, x: torch.Tensor, keep: torch.Tensor | None) -> None:
+    """Accumulate the :class:`Moments` of ``x`` (B, T, hidden) under ``keys`` (:func:`moment_keys`).
 
     Several sites often see the very same tensor (``resid_post`` of layer l is ``resid_pre`` of layer
     l + 1; autograd hands one gradient object to both terms of an add): the last tensor reduced in
     each direction is remembered, and a repeat reuses its reductions."""
-    slot = ("moments", key[-1])
+    slot = ("moments", keys.n[-2])
     last = rec.state.get(slot)
     if last is not None and last[0]() is x and last[1] == x._version and last[2] is keep:
         found = last[3]
@@ -106,11 +111,12 @@ def add_moments(rec: Recording, key: Key, x: torch.Tensor, keep: torch.Tensor | 
         # A weak reference: holding a gradient would stop autograd from accumulating into it in place.
         # When it does, the same object carries new values: its version counter tells.
         rec.state[slot] = (weakref.ref(x), x._version, keep, found)
-    rec.acc.set(key + ("hidden",), x.shape[-1])
-    for name in ("n", "dev_sq", "mean_sq"):
-        rec.acc.add(key + (name,), getattr(found, name))
-    for name in ("hi", "neg_lo"):
-        rec.acc.max(key + (name,), getattr(found, name))
+    acc = rec.acc
+    acc.add(keys.n, found.n)
+    acc.add(keys.dev_sq, found.dev_sq)
+    acc.add(keys.mean_sq, found.mean_sq)
+    acc.max(keys.hi, found.hi)
+    acc.max(keys.neg_lo, found.neg_lo)
 
 
 class StatFamily:
@@ -137,8 +143,13 @@ class ActivationStats(StatFamily):
         self.blocks = blocks
         self.sites = config.sites
         self.fwd, self.bwd = "fwd" in config.directions, "bwd" in config.directions
+        self.keys = {k: moment_keys(k) for b in blocks for site in self.sites for k in
+                     ((b.layer, site, "fwd"), (b.layer, site, "bwd"))}
+        self.hidden: dict[tuple[int, str], int] = {}  # host values: no need to accumulate them
+        self.grad_scale = 1.0
 
     def arm(self, rec: Recording) -> None:
+        self.grad_scale = rec.grad_scale
         for block in self.blocks:
             for site in self.sites:
                 rec.on_forward(getattr(block, f"hook_{site}"),
@@ -146,15 +157,15 @@ class ActivationStats(StatFamily):
 
     def _forward(self, rec: Recording, layer: int, site: str, x: torch.Tensor) -> None:
         keep = rec.keep(x)
+        self.hidden[(layer, site)] = x.shape[-1]
         if self.fwd:
-            add_moments(rec, (layer, site, "fwd"), x, keep)
+            add_moments(rec, self.keys[(layer, site, "fwd")], x, keep)
         if self.bwd and x.requires_grad:
-            rec.on_grad(x, lambda g: self._backward(rec, layer, site, keep, g))
+            keys = self.keys[(layer, site, "bwd")]
+            rec.on_grad(x, lambda g: self._backward(rec, keys, keep, g))
 
-    def _backward(self, rec: Recording, layer: int, site: str, keep: torch.Tensor | None, grad: torch.Tensor) -> None:
-        if rec.grad_scale != 1.0:  # a rank's share of the global loss's gradient
-            grad = grad * rec.grad_scale
-        add_moments(rec, (layer, site, "bwd"), grad, keep)
+    def _backward(self, rec: Recording, keys: Moments, keep: torch.Tensor | None, grad: torch.Tensor) -> None:
+        add_moments(rec, keys, grad, keep)  # unscaled: rows apply a distributed rank's grad_scale
 
     def first_non_finite(self, values: Mapping[Key, float]) -> tuple[int, str, str] | None:
         """The first ``(layer, site, direction)`` whose statistics are not finite: activations in
@@ -176,12 +187,15 @@ class ActivationStats(StatFamily):
                     key = (block.layer, site, direction)
                     if key + ("n",) not in values:
                         continue
-                    n, hidden = values[key + ("n",)], values[key + ("hidden",)]
+                    # gradients are reduced unscaled; a distributed rank's share (grad_scale) applies here
+                    scale = self.grad_scale if direction == "bwd" else 1.0
+                    n, hidden = values[key + ("n",)], self.hidden[(block.layer, site)]
                     dev_sq, mean_sq = values[key + ("dev_sq",)], values[key + ("mean_sq",)]
-                    emit(block.layer, site, direction, "var", _div(dev_sq, n * hidden))
-                    emit(block.layer, site, direction, "rms", _sqrt(_div(dev_sq + hidden * mean_sq, n * hidden)))
-                    emit(block.layer, site, direction, "absmax",
-                         _max(values[key + ("hi",)], values[key + ("neg_lo",)]) if n else math.nan)
+                    sq = dev_sq + hidden * mean_sq
+                    absmax = _max(values[key + ("hi",)], values[key + ("neg_lo",)]) if n else math.nan
+                    emit(block.layer, site, direction, "var", _div(dev_sq, n * hidden) * scale**2)
+                    emit(block.layer, site, direction, "rms", _sqrt(_div(sq, n * hidden)) * scale)
+                    emit(block.layer, site, direction, "absmax", absmax * scale)
 
 
 class ShortcutBranchStats(StatFamily):
