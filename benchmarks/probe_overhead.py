@@ -22,6 +22,7 @@ costs the same as a step with no probes.
     python benchmarks/probe_overhead.py                        # small preset (24 x 64), CPU, 1 thread
     python benchmarks/probe_overhead.py --threads 2 --rounds 100
     python benchmarks/probe_overhead.py --breakdown --rounds 30
+    python benchmarks/probe_overhead.py --compile              # as train --compile
     python benchmarks/probe_overhead.py --device cuda --preset 71m --dtype bf16
 """
 
@@ -69,8 +70,10 @@ class Runner:
     """One training step as :func:`gpas_probe.train.train` runs it, with the given observers."""
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, device: torch.device, autocast: bool,
-                 batches: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+                 batches: list[tuple[torch.Tensor, torch.Tensor]], compile: bool = False) -> None:
         self.model, self.cfg, self.device, self.batches = model, cfg, device, batches
+        # as train(compile=True): unrecorded steps run the compiled model, recorded ones the eager one
+        self.compiled = torch.compile(model) if compile else model
         self.optimizer = make_optimizer(model, cfg)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.autocast = autocast
@@ -87,8 +90,9 @@ class Runner:
             o.begin_step(step)
         x, y = self.batches[batch_index % len(self.batches)]
         ctx = torch.autocast(device.type, dtype=torch.bfloat16) if self.autocast else nullcontext()
+        recorded = any(o.recording_step == step for o in observers)
         with ctx:
-            loss = model(x, y).loss
+            loss = (model if recorded else self.compiled)(x, y).loss
         loss.backward()
         for o in observers:
             o.after_backward(step)
@@ -210,6 +214,8 @@ def main() -> None:
                     help="bf16: bf16 autocast, as train() runs on CUDA; fp32: plain fp32, as on CPU")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--breakdown", action="store_true", help="time each statistic family alone instead")
+    ap.add_argument("--compile", action="store_true",
+                    help="as train --compile: unrecorded steps compiled, recorded steps eager")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -227,12 +233,13 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     batches = [(torch.randint(0, config.vocab_size, (batch, seq), generator=g).to(device),
                 torch.randint(0, config.vocab_size, (batch, seq), generator=g).to(device)) for _ in range(8)]
-    runner = Runner(model, cfg, device, args.dtype == "bf16", batches)
+    runner = Runner(model, cfg, device, args.dtype == "bf16", batches, compile=args.compile)
 
     print(f"machine: {machine(device)}")
     print(f"model: {args.preset} preset{' + GPAS' if args.gpas else ''}, {config.num_layers} layers x "
           f"{config.hidden_size}, {model.num_parameters():,} parameters; batch {batch} x {seq}; {device}, "
-          f"{args.dtype}; {args.rounds} timed steps per variant after {args.warmup} warm-up rounds")
+          f"{args.dtype}{', compiled' if args.compile else ''}; {args.rounds} timed steps per variant after "
+          f"{args.warmup} warm-up rounds")
     with tempfile.TemporaryDirectory() as tmp:
         (main_breakdown if args.breakdown else main_schedules)(args, runner, model, Path(tmp))
 

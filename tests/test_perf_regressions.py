@@ -5,6 +5,8 @@
 - ``train(compile=True)`` with probes on compiles exactly the graphs it compiles without probes (the
   hooks never enter the compiled graph, so recorded steps neither recompile nor trace statistics
   code) and agrees with an eager run step for step, probe rows included.
+- The README's pattern for a compiled model in a user's loop (eager module on recorded steps)
+  compiles one graph.
 - The probe writer's memory is bounded by ``flush_rows`` (plus one step's rows), during training and
   against a brute-force model of when chunks are written.
 - ``load_run``'s de-duplication, which only compares rows of steps that several chunks share, gives
@@ -124,6 +126,29 @@ def test_compile_with_probes_compiles_no_more_graphs_and_matches_eager(tmp_path)
     pd.testing.assert_frame_equal(a[key], b[key])
     assert sorted(a.loc[a["direction"] == "fwd", "step"].unique()) == [1, 2, 4, 6]  # the schedule's steps
     np.testing.assert_allclose(a["value"], b["value"], rtol=1e-3, atol=1e-6)
+
+
+def test_readme_pattern_for_a_compiled_model_in_a_users_loop_compiles_once(tmp_path) -> None:
+    from torch._dynamo.utils import counters
+
+    import gpas_probe
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = train_mod.build_model(ModelConfig(**{**get_preset("tiny").model, "num_layers": 2}))
+    compiled = torch.compile(model, backend="eager")  # dynamo's tracing and guards, no code generation
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-2)
+    x = torch.randint(0, 256, (2, 16))
+    with gpas_probe.attach(model, out=tmp_path / "loop", every=2, optimizer=optimizer) as probe:
+        for step in range(1, 7):
+            net = model if probe.recording_step == step else compiled
+            loss = net(x, x).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            probe.step(step, loss=loss)
+    assert counters["stats"]["unique_graphs"] == 1
+    assert sorted(load_run(tmp_path / "loop").query("direction == 'fwd'")["step"].unique()) == [1, 2, 4, 6]
 
 
 # -- the writer's memory is bounded ----------------------------------------------------------------
