@@ -150,10 +150,10 @@ def _part_files(directory: Path) -> list[Path]:
 class ProbeWriter:
     """Buffers rows and writes them as parquet chunks in ``directory`` (a run's ``probes/``).
 
-    A chunk is written every ``flush_rows`` rows or every ``flush_steps`` recorded steps, whichever
-    comes first, and on :meth:`flush`/:meth:`close`, so memory stays bounded. Chunks already in the
-    directory (a resumed run) are kept and numbering continues after them; the metadata file is
-    written once, when the directory is new.
+    A chunk is written every ``flush_rows`` rows or every ``flush_steps`` recorded steps (steps with
+    only model rows do not count), whichever comes first, and on :meth:`flush`/:meth:`close`, so
+    memory stays bounded. Chunks already in the directory (a resumed run) are kept and numbering
+    continues after them; the metadata file is written once, when the directory is new.
     """
 
     def __init__(self, directory: str | Path, run_id: str, meta: dict[str, Any] | None = None, *,
@@ -179,9 +179,10 @@ class ProbeWriter:
     def add(self, step: int, layer: int, site: str, direction: str, stat: str, value: float) -> None:
         self._rows.add(step, layer, site, direction, stat, value)
 
-    def end_step(self) -> None:
-        """Marks the end of one recorded step; writes a chunk when a threshold is reached."""
-        self._steps += 1
+    def end_step(self, recorded: bool = True) -> None:
+        """Marks the end of one step (``recorded``: the probes recorded it, rather than only its model
+        rows); writes a chunk when a threshold is reached."""
+        self._steps += recorded
         if len(self._rows) >= self.flush_rows or self._steps >= self.flush_steps:
             self.flush()
 
@@ -228,7 +229,7 @@ class MemoryWriter:
     def add(self, step: int, layer: int, site: str, direction: str, stat: str, value: float) -> None:
         self._rows.add(step, layer, site, direction, stat, value)
 
-    def end_step(self) -> None:
+    def end_step(self, recorded: bool = True) -> None:
         pass
 
     def flush(self) -> None:
@@ -403,11 +404,13 @@ def run_info(path: str | Path) -> dict[str, Any]:
     frame = load_run(p)
     files = _part_files(p) if p.is_dir() else [p]
     steps = sorted(frame["step"].unique().tolist())
+    probed = sorted(frame.loc[frame["layer"] >= 0, "step"].unique().tolist())  # beyond the model rows
     layers = sorted(x for x in frame["layer"].unique().tolist() if x >= 0)
     size = sum(f.stat().st_size for f in files)
     return {
         "run_id": frame["run_id"].iloc[0] if len(frame) else p.parent.name,
-        "steps": f"{len(steps)} recorded" + (f", {steps[0]}..{steps[-1]}" if steps else ""),
+        "steps": f"{len(probed)} recorded by the probes, {len(steps)} with rows"
+        + (f", {steps[0]}..{steps[-1]}" if steps else ""),
         "layers": len(layers),
         "sites": ", ".join(sorted(frame["site"].unique().tolist())),
         "stats": ", ".join(sorted(frame["stat"].unique().tolist())),

@@ -48,7 +48,7 @@ def test_info_reports_the_run(runs):
     text = _ok(["info", str(runs[1])])
     for word in ("steps", "layers", "sites", "stats", "rows", "bytes/row"):
         assert word in text
-    assert "5 recorded, 1..6" in text  # probes on 1, 2, 4, 6 (--probe-every 2) + val_loss on 3
+    assert "4 recorded by the probes, 6 with rows, 1..6" in text  # probes on 1, 2, 4, 6 (--probe-every 2)
     assert "resid_post" in text and "alpha" in text
 
 

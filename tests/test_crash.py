@@ -197,8 +197,9 @@ def test_resume_replaces_rows_recorded_after_the_checkpoint(tmp_path: Path, text
     train(m, t, tmp_path / "run", resume=True, probe=ProbeConfig(every=5))
     frame = load_run(tmp_path / "run", dedupe=False)
     assert not frame.duplicated(KEY_COLUMNS).any()
-    assert sorted(frame.step.unique()) == [1, 2, 3, 4, 5, 8, 9]  # 4 and 8: validation rows only
-    assert set(frame[frame.step.isin([4, 8])].site) == {"model"}
+    assert sorted(frame.step.unique()) == list(range(1, 10))  # model rows (loss, lr...) on every step
+    assert sorted(frame[frame.layer >= 0].step.unique()) == [1, 2, 3, 5]  # probed: 1-3 kept, then every 5
+    assert set(frame[frame.step.isin([4, 8])].stat) >= {"loss", "val_loss"}
 
 
 def test_resume_with_no_checkpoint_starts_over_and_drops_every_row(tmp_path: Path, text: Path) -> None:
@@ -209,7 +210,8 @@ def test_resume_with_no_checkpoint_starts_over_and_drops_every_row(tmp_path: Pat
     result = train(m, t, run, resume=True, probe=ProbeConfig(every=2))
     assert [h.step for h in result.history] == [1, 2, 3, 4]
     frame = load_run(run, dedupe=False)
-    assert not frame.duplicated(KEY_COLUMNS).any() and sorted(frame.step.unique()) == [1, 2, 4]
+    assert not frame.duplicated(KEY_COLUMNS).any() and sorted(frame.step.unique()) == [1, 2, 3, 4]
+    assert sorted(frame[frame.layer >= 0].step.unique()) == [1, 2, 4]  # step 3: model rows only
 
 
 def test_truncate_after_rewrites_only_the_chunks_past_the_step(tmp_path: Path) -> None:

@@ -332,7 +332,10 @@ def test_drop_in_api_records_what_the_observer_protocol_records() -> None:
             with torch.no_grad():  # an evaluation pass between steps is not recorded
                 model_b(*_batch(99))
         a, b = probe_a.frame(), probe_b.frame()
-    assert sorted(a.step.unique()) == sorted(b.step.unique()) == [1, 2, 4]
+    assert sorted(a[a.layer >= 0].step.unique()) == sorted(b[b.layer >= 0].step.unique()) == [1, 2, 4]
+    assert sorted(a.step.unique()) == sorted(b.step.unique()) == [1, 2, 3, 4]  # model rows on every step
+    model_b3 = {k: v for k, v in _rows(b[b.step == 3]).items() if k[3] != "grad_norm"}  # not given to step()
+    _assert_rows(model_b3, {k: v for k, v in _rows(a[a.step == 3]).items() if k in model_b3}, 1e-6)
     for step in (1, 2, 4):
         _assert_rows(_rows(b[b.step == step]), _rows(a[a.step == step]), 1e-5)
     assert _hook_count(model_b) == 0

@@ -68,7 +68,7 @@ class NullWriter:
     def add(self, *row: Any) -> None:
         pass
 
-    def end_step(self) -> None:
+    def end_step(self, recorded: bool = True) -> None:
         pass
 
     def flush(self) -> None:
@@ -219,12 +219,17 @@ class Probe:
 
     def _complete(self, step: int, info: dict[str, Any]) -> None:
         """Finish the armed step as ``step`` (rows of every family), or write the model rows of an
-        unrecorded step that carries a validation loss."""
+        unrecorded step: every value given as a host number (or a CPU tensor), so loss and learning
+        rate curves have every step; an accelerator tensor is read on recorded steps only (reading it
+        would wait for the device)."""
         rec = self._rec
         if rec is None:
-            if info.get("val_loss") is not None and self._model_stats is not None:
-                self._model_stats.host_rows(info, self._emit(step))
-                self._writer.end_step()  # type: ignore[union-attr]
+            if self._model_stats is not None:
+                host = {k: v for k, v in info.items()
+                        if v is not None and not (isinstance(v, torch.Tensor) and v.device.type != "cpu")}
+                if host:
+                    self._model_stats.host_rows(host, self._emit(step))
+                    self._writer.end_step(recorded=False)  # type: ignore[union-attr]
             return
         if rec.step != step:
             log.warning("probe armed for step %d was told step %d ended; recording it as step %d",
