@@ -76,8 +76,9 @@ def moments(x: torch.Tensor, keep: torch.Tensor | None, scratch: torch.Tensor | 
     dimension is ~15x slower on CPU, and one pass would cancel when means are large. ``sum x^2 =
     dev_sq + hidden * mean_sq`` (a token's deviations sum to zero), so the squares need no pass of
     their own. On CPU ``sum(-1) / hidden`` is 2x faster than ``mean(-1)`` and ``amax`` + ``amin`` 1.5x
-    faster than ``aminmax``; sums stay ``torch.sum`` (cascaded: a BLAS dot loses ~1e-4 over millions
-    of elements). Scalar arithmetic is left to the host (:meth:`ActivationStats.rows`)."""
+    faster than ``aminmax``. Sums over elements stay ``torch.sum`` (cascaded: a float32 BLAS dot loses
+    ~1e-4 over millions of elements); sums over one value per token may be a dot. Scalar arithmetic
+    is left to the host (:meth:`ActivationStats.rows`)."""
     x = x.detach()
     x = x.to(stat_dtype(x))
     mean = x.sum(-1, keepdim=True).div_(x.shape[-1])
@@ -236,7 +237,7 @@ class ShortcutBranchStats(StatFamily):
         cos = torch.mul(s, b, out=rec.scratch(s)).sum(-1).div_((norm_s * norm_b).clamp_min_(torch.finfo(dt).tiny))
         norm_s, norm_b, cos = (_masked(t, keep).reshape(-1) for t in (norm_s, norm_b, cos))
         rec.acc.add(key + ("n",), _count(s, keep))
-        rec.acc.add(key + ("sq_s",), torch.dot(norm_s, norm_s))  # over tokens: short, a dot is exact enough
+        rec.acc.add(key + ("sq_s",), torch.dot(norm_s, norm_s))  # one value per token: a dot is accurate enough
         rec.acc.add(key + ("sq_b",), torch.dot(norm_b, norm_b))
         rec.acc.add(key + ("cos",), cos.sum())
 
