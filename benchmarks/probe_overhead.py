@@ -141,7 +141,7 @@ def main_schedules(args: argparse.Namespace, runner: Runner, model: torch.nn.Mod
     probes: dict[str, Probe | None] = {"none": None}
     for n in EVERY:
         probes[f"every {n}"] = Probe(model, tmp / f"every{n}", config=ProbeConfig(), schedule=Every(n),
-                                      grads_at_backward_end=True)  # as train() does
+                                      grads_at_backward_end=True, grad_norm_given=True)  # as train() does
     rounds = interleave(runner, probes, args.rounds, args.warmup)
     for p in probes.values():
         if p is not None:
@@ -185,7 +185,7 @@ def main_breakdown(args: argparse.Namespace, runner: Runner, model: torch.nn.Mod
     for family in (*FAMILIES, "all"):
         stats = FAMILIES if family == "all" else (family,)
         probes[family] = Probe(model, tmp / family, config=ProbeConfig(stats=stats), schedule=Every(1),
-                                grads_at_backward_end=True)
+                                grads_at_backward_end=True, grad_norm_given=True)
     rounds = interleave(runner, probes, args.rounds, args.warmup)
     for p in probes.values():
         if p is not None:

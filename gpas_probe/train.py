@@ -264,7 +264,7 @@ def _train(ctx: DistContext, model_config: ModelConfig, cfg: TrainConfig, run_di
     if probe is not None:
         session = Probe(model, run_dir, config=probe, meta=probe_meta, write=ctx.is_main,
                         all_reduce=ctx.all_reduce_stats if ctx.distributed else None, grad_scale=1 / ctx.world,
-                        grads_at_backward_end=True)
+                        grads_at_backward_end=True, grad_norm_given=True)
     loop = _Loop(model, fwd, optimizer, cfg, batches, val_batches, ctx, run_dir,
                  [*observers, session] if session else list(observers), session, callback)
     try:

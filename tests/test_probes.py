@@ -177,7 +177,7 @@ def test_every_statistic_matches_brute_force(case: str, grads_at_backward_end: b
         exclude = torch.arange(T)[None, :] >= lengths[:, None]
         y = y.masked_fill(exclude, -100)
     probe = Probe(model, config=ProbeConfig(every=1, skip_first_position=skip_first),
-                  grads_at_backward_end=grads_at_backward_end)
+                  grads_at_backward_end=grads_at_backward_end, grad_norm_given=grads_at_backward_end)  # as train()
     probe.set_exclude_mask(exclude)
     with probe:
         exp, _ = _reference_step(model, probe, 1, x, y, exclude, skip_first, val_loss=2.5)

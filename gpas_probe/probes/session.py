@@ -103,13 +103,15 @@ class Probe:
     ``grads_at_backward_end``: the driver calls :meth:`after_backward` after every backward pass,
     before clipping (:func:`gpas_probe.train.train` does); parameter gradients are then read there
     with one fused norm instead of a hook per parameter. Distributed runs always read them there.
+    ``grad_norm_given``: the driver passes the global gradient norm to :meth:`end_step` (``train``
+    does), so the model family reads no gradient to compute it.
     """
 
     def __init__(self, model: nn.Module | None = None, out: str | Path | None = None, *,
                  config: ProbeConfig | None = None, schedule: Schedule | None = None, run_id: str | None = None,
                  meta: dict[str, Any] | None = None, optimizer: torch.optim.Optimizer | None = None,
                  all_reduce: AllReduce | None = None, grad_scale: float = 1.0, write: bool = True,
-                 grads_at_backward_end: bool = False) -> None:
+                 grads_at_backward_end: bool = False, grad_norm_given: bool = False) -> None:
         self.config = config or ProbeConfig()
         self.schedule = schedule or make_schedule(self.config)
         self.out = Path(out) if out is not None else None
@@ -123,6 +125,7 @@ class Probe:
         self._grad_scale = grad_scale
         self._write = write
         self._grads_at_end = grads_at_backward_end or all_reduce is not None
+        self._grad_norm_given = grad_norm_given
         self._activations: ActivationStats | None = None
         self._last: tuple[int, dict[Key, float]] | None = None  # the last recorded step's values
         self._rec: Recording | None = None
@@ -146,7 +149,7 @@ class Probe:
         self._families = [makers[name](blocks, cfg) for name in cfg.stats if name in makers]
         self._activations = next((f for f in self._families if isinstance(f, ActivationStats)), None)
         if "model" in cfg.stats:
-            self._model_stats = ModelStats(model)
+            self._model_stats = ModelStats(model, grad_norm_given=self._grad_norm_given)
             self._families.append(self._model_stats)
         self.model = model
         if not self._write:

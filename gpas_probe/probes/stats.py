@@ -59,11 +59,11 @@ def _count(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor | int:
 
 class Moments(NamedTuple):
     """Sufficient statistics of var/rms/absmax over the kept tokens of a (B, T, hidden) tensor; all
-    add up over passes (``dev_sq``, ``mean_sq``, ``n``) or combine by maximum (``hi``, ``neg_lo``)."""
+    add up over passes (``n``, ``dev_sq``, ``tok_sq``) or combine by maximum (``hi``, ``neg_lo``)."""
 
     n: Number  # tokens
     dev_sq: torch.Tensor  # sum over tokens of sum_h (x - m)^2, m the token's mean
-    mean_sq: torch.Tensor  # sum over tokens of m^2
+    tok_sq: torch.Tensor  # sum over tokens of (sum_h x)^2 = hidden^2 m^2
     hi: torch.Tensor  # max x (-inf when no token is kept)
     neg_lo: torch.Tensor  # max -x
 
@@ -74,19 +74,20 @@ def moments(x: torch.Tensor, keep: torch.Tensor | None, scratch: torch.Tensor | 
 
     Two-pass variance (token means, then squared deviations): ``torch.var`` over a short last
     dimension is ~15x slower on CPU, and one pass would cancel when means are large. ``sum x^2 =
-    dev_sq + hidden * mean_sq`` (a token's deviations sum to zero), so the squares need no pass of
-    their own. On CPU ``sum(-1) / hidden`` is 2x faster than ``mean(-1)`` and ``amax`` + ``amin`` 1.5x
-    faster than ``aminmax``. Sums over elements stay ``torch.sum`` (cascaded: a float32 BLAS dot loses
-    ~1e-4 over millions of elements); sums over one value per token may be a dot. Scalar arithmetic
-    is left to the host (:meth:`ActivationStats.rows`)."""
+    dev_sq + tok_sq / hidden`` (a token's deviations sum to zero), so the squares need no pass of
+    their own. On CPU ``sum(-1)`` is 2x faster than ``mean(-1)`` (the deviations come from one
+    ``sub`` with ``alpha = 1 / hidden``) and ``amax`` + ``amin`` 1.5x faster than ``aminmax``. Sums
+    over elements stay ``torch.sum`` (cascaded: a float32 BLAS dot loses ~1e-4 over millions of
+    elements); sums over one value per token may be a dot. Scalar arithmetic is left to the host
+    (:meth:`ActivationStats.rows`)."""
     x = x.detach()
     x = x.to(stat_dtype(x))
-    mean = x.sum(-1, keepdim=True).div_(x.shape[-1])
-    dev = (x - mean if scratch is None else torch.sub(x, mean, out=scratch)).pow_(2)
+    sums = x.sum(-1, keepdim=True)
+    dev = torch.sub(x, sums, alpha=1 / x.shape[-1], **({} if scratch is None else {"out": scratch})).pow_(2)
     if keep is None:  # whole-tensor reductions: no per-token intermediate
-        flat_mean = mean.reshape(-1)
-        return Moments(x.numel() // x.shape[-1], dev.sum(), torch.dot(flat_mean, flat_mean), x.amax(), x.amin().neg())
-    return Moments(keep.sum(), _masked(dev.sum(-1), keep).sum(), _masked(mean.squeeze(-1).pow(2), keep).sum(),
+        flat = sums.reshape(-1)
+        return Moments(x.numel() // x.shape[-1], dev.sum(), torch.dot(flat, flat), x.amax(), x.amin().neg())
+    return Moments(keep.sum(), _masked(dev.sum(-1), keep).sum(), _masked(sums.squeeze(-1).pow(2), keep).sum(),
                    _masked(x.amax(-1), keep, -math.inf).amax(), _masked(x.amin(-1).neg(), keep, -math.inf).amax())
 
 
@@ -115,7 +116,7 @@ def add_moments(rec: Recording, keys: Moments, x: torch.Tensor, keep: torch.Tens
     acc = rec.acc
     acc.add(keys.n, found.n)
     acc.add(keys.dev_sq, found.dev_sq)
-    acc.add(keys.mean_sq, found.mean_sq)
+    acc.add(keys.tok_sq, found.tok_sq)
     acc.max(keys.hi, found.hi)
     acc.max(keys.neg_lo, found.neg_lo)
 
@@ -174,7 +175,7 @@ class ActivationStats(StatFamily):
         order = [(b.layer, site, "fwd") for b in self.blocks for site in self.sites]
         order += [(b.layer, site, "bwd") for b in reversed(self.blocks) for site in reversed(self.sites)]
         for key in order:
-            sums = [values.get(key + (s,)) for s in ("dev_sq", "mean_sq")]
+            sums = [values.get(key + (s,)) for s in ("dev_sq", "tok_sq")]
             maxima = [values.get(key + (s,)) for s in ("hi", "neg_lo")]  # -inf: no token kept
             if any(v is not None and not math.isfinite(v) for v in sums) or any(
                     v is not None and (math.isnan(v) or v == math.inf) for v in maxima):
@@ -191,8 +192,8 @@ class ActivationStats(StatFamily):
                     # gradients are reduced unscaled; a distributed rank's share (grad_scale) applies here
                     scale = self.grad_scale if direction == "bwd" else 1.0
                     n, hidden = values[key + ("n",)], self.hidden[(block.layer, site)]
-                    dev_sq, mean_sq = values[key + ("dev_sq",)], values[key + ("mean_sq",)]
-                    sq = dev_sq + hidden * mean_sq
+                    dev_sq, tok_sq = values[key + ("dev_sq",)], values[key + ("tok_sq",)]
+                    sq = dev_sq + tok_sq / hidden
                     absmax = _max(values[key + ("hi",)], values[key + ("neg_lo",)]) if n else math.nan
                     emit(block.layer, site, direction, "var", _div(dev_sq, n * hidden) * scale**2)
                     emit(block.layer, site, direction, "rms", _sqrt(_div(sq, n * hidden)) * scale)
@@ -374,18 +375,21 @@ class ModelStats(StatFamily):
     """Model-level rows (layer -1, site ``model``): loss, val_loss, lr, grad_norm, tokens.
 
     Values come from the caller (``info``); a loss given as a tensor is copied with the other
-    statistics, and a missing ``grad_norm`` is computed from every trainable parameter's gradient.
+    statistics, and a missing ``grad_norm`` is computed from every trainable parameter's gradient
+    (unless ``grad_norm_given``: the caller always passes it, and no gradient is read for it).
     """
 
     name = "model"
     STATS = ("loss", "val_loss", "lr", "grad_norm", "tokens")
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, grad_norm_given: bool = False) -> None:
         self.model = model
+        self.grad_norm_given = grad_norm_given
         self.grad_keys: list[Key] = []
 
     def arm(self, rec: Recording) -> None:
-        self.grad_keys = [rec.watch_grad(p, "sq") for p in self.model.parameters() if p.requires_grad]
+        if not self.grad_norm_given:
+            self.grad_keys = [rec.watch_grad(p, "sq") for p in self.model.parameters() if p.requires_grad]
 
     def finish(self, rec: Recording, info: Mapping[str, Any]) -> None:
         loss = info.get("loss")
