@@ -360,7 +360,8 @@ class _Loop:
             t_last = now
             finite, last = math.isfinite(loss_value), step == cfg.steps
             if finite and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
-                info.val_loss = ctx.mean(evaluate(eval_model, self.val_batches, ctx.device))
+                net = eval_model if not recorded else model if ctx.mode == "ddp" else self.fwd  # hooks: eager
+                info.val_loss = ctx.mean(evaluate(net, self.val_batches, ctx.device))
                 log.info("step %d: loss %.4f, val loss %.4f", step, loss_value, info.val_loss)
             for o in self.observers:
                 o.end_step(info)

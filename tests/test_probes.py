@@ -398,6 +398,17 @@ def test_a_step_with_every_token_excluded_records_nan_and_is_not_called_non_fini
     assert len(frame) and frame["value"].isna().all()  # var, rms and absmax of no token: undefined
 
 
+def test_large_finite_activations_give_finite_moments() -> None:
+    from gpas_probe.probes.stats import moments
+
+    x = torch.randn(2, 64, 4096, generator=torch.Generator().manual_seed(0)) + 1e15  # a diverging run's scale
+    keep = torch.ones(2, 64, dtype=torch.bool)
+    for m in (moments(x, None), moments(x, keep)):
+        assert all(math.isfinite(float(v)) for v in m)
+        rms = math.sqrt((float(m.dev_sq) + 4096 * float(m.mean_sq)) / (float(m.n) * 4096))
+        assert rms == pytest.approx(1e15, rel=1e-3)
+
+
 def test_schedules_match_their_definitions() -> None:
     assert [s for s in range(1, 20) if Every(5)(s)] == [1, 5, 10, 15]
     assert [s for s in range(1, 20) if Every(5, first=False)(s)] == [5, 10, 15]

@@ -151,6 +151,7 @@ class Recording:
         self._grad_index: dict[int, int] = {}  # id(param) -> the order it was first watched in
         self._watched: list[tuple[nn.Parameter, set[str], int]] = []
         self._at_backward_end = grads_at_backward_end
+        self._captured = False
         self._skip_first = skip_first_position
         self._exclude = exclude
         self._keep_cache: dict[tuple[int, int, torch.device], torch.Tensor | None] = {}
@@ -214,8 +215,9 @@ class Recording:
         """Record ``param``'s accumulated gradient before any clipping and return the key it is kept
         under: ``kind`` "sq" keeps its squared norm under ``("grad_sq", i)``, "value" a copy of a
         scalar gradient under ``("grad", i)``, ``i`` being the order the parameter was first watched
-        in (the same on every rank). One post-accumulate-grad hook per parameter, whatever the kinds;
-        the latest accumulation wins, so gradient accumulation records the full step's gradient.
+        in (the same on every rank). One post-accumulate-grad hook per parameter, whatever the kinds
+        (or none with ``grads_at_backward_end``: :meth:`capture_grads` reads them all); the latest
+        accumulation wins, so gradient accumulation records the full step's gradient.
         A sharded (FSDP) gradient contributes its local shard's squared norm, summed over ranks."""
         kinds = self._grad_kinds.get(id(param))
         if kinds is None:
@@ -229,11 +231,17 @@ class Recording:
         kinds.add(kind)
         return ("grad_sq" if kind == "sq" else "grad", self._grad_index[id(param)])
 
+    @property
+    def grads_pending(self) -> bool:
+        """Gradients are watched for :meth:`capture_grads`, which has not been called."""
+        return bool(self._watched) and not self._captured
+
     @torch.no_grad()
     def capture_grads(self) -> None:
         """Read the watched gradients now (``grads_at_backward_end``; call after the backward pass):
-        the squared norms of all of them in one fused norm per dtype instead of one per parameter."""
-        by_dtype: dict[torch.dtype, list[tuple[int, torch.Tensor, str]]] = {}
+        the squared norms of all of them in one fused norm per dtype and device, not one per parameter."""
+        self._captured = True
+        groups: dict[tuple[torch.dtype, torch.device], list[tuple[int, torch.Tensor, str]]] = {}
         for p, kinds, i in self._watched:
             g = p.grad
             if g is None:
@@ -241,10 +249,10 @@ class Recording:
             reduce = SUM if is_sharded(g) else SAME
             g = local(g)
             if "sq" in kinds:
-                by_dtype.setdefault(g.dtype, []).append((i, g, reduce))
+                groups.setdefault((g.dtype, g.device), []).append((i, g, reduce))
             if "value" in kinds:
                 self._grad_value(i, g, reduce)
-        for items in by_dtype.values():
+        for items in groups.values():
             grads = [g for _, g, _ in items]
             squares = torch.stack(torch._foreach_norm(grads, 2, dtype=stat_dtype(grads[0]))).square()
             for (i, _, reduce), sq in zip(items, squares.unbind(), strict=True):

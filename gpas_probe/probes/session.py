@@ -96,8 +96,8 @@ class Probe:
     :meth:`step` read the learning rate. ``model`` may be given later with :meth:`bind`.
 
     Distributed runs: ``all_reduce(sums, maxima)`` reduces the statistics over ranks (see
-    :class:`gpas_probe.distributed.DistContext`), ``grad_scale`` scales the activation gradients
-    (``1 / world``: the global loss is the mean of the ranks' losses), and ``write=False`` computes
+    :class:`gpas_probe.distributed.DistContext`), ``grad_scale`` scales the statistics of activation
+    gradients (``1 / world``: the global loss is the mean of the ranks' losses), and ``write=False`` computes
     and reduces without storing rows (every rank but the first).
 
     ``grads_at_backward_end``: the driver calls :meth:`after_backward` after every backward pass,
@@ -237,6 +237,9 @@ class Probe:
         if rec.step != step:
             log.warning("probe armed for step %d was told step %d ended; recording it as step %d",
                         rec.step, step, step)
+        if rec.grads_pending:
+            log.warning("step %d: parameter gradients were not read (grads_at_backward_end, but after_backward "
+                        "was not called): no gradient norms for this step", step)
         try:
             for family in self._families:
                 family.finish(rec, info)

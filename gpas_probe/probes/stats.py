@@ -59,11 +59,11 @@ def _count(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor | int:
 
 class Moments(NamedTuple):
     """Sufficient statistics of var/rms/absmax over the kept tokens of a (B, T, hidden) tensor; all
-    add up over passes (``n``, ``dev_sq``, ``tok_sq``) or combine by maximum (``hi``, ``neg_lo``)."""
+    add up over passes (``n``, ``dev_sq``, ``mean_sq``) or combine by maximum (``hi``, ``neg_lo``)."""
 
     n: Number  # tokens
     dev_sq: torch.Tensor  # sum over tokens of sum_h (x - m)^2, m the token's mean
-    tok_sq: torch.Tensor  # sum over tokens of (sum_h x)^2 = hidden^2 m^2
+    mean_sq: torch.Tensor  # sum over tokens of m^2
     hi: torch.Tensor  # max x (-inf when no token is kept)
     neg_lo: torch.Tensor  # max -x
 
@@ -74,7 +74,7 @@ def moments(x: torch.Tensor, keep: torch.Tensor | None, scratch: torch.Tensor | 
 
     Two-pass variance (token means, then squared deviations): ``torch.var`` over a short last
     dimension is ~15x slower on CPU, and one pass would cancel when means are large. ``sum x^2 =
-    dev_sq + tok_sq / hidden`` (a token's deviations sum to zero), so the squares need no pass of
+    dev_sq + hidden * mean_sq`` (a token's deviations sum to zero), so the squares need no pass of
     their own. On CPU ``sum(-1)`` is 2x faster than ``mean(-1)`` (the deviations come from one
     ``sub`` with ``alpha = 1 / hidden``) and ``amax`` + ``amin`` 1.5x faster than ``aminmax``. Sums
     over elements stay ``torch.sum`` (cascaded: a float32 BLAS dot loses ~1e-4 over millions of
@@ -85,9 +85,10 @@ def moments(x: torch.Tensor, keep: torch.Tensor | None, scratch: torch.Tensor | 
     sums = x.sum(-1, keepdim=True)
     dev = torch.sub(x, sums, alpha=1 / x.shape[-1], **({} if scratch is None else {"out": scratch})).pow_(2)
     if keep is None:  # whole-tensor reductions: no per-token intermediate
-        flat = sums.reshape(-1)
-        return Moments(x.numel() // x.shape[-1], dev.sum(), torch.dot(flat, flat), x.amax(), x.amin().neg())
-    return Moments(keep.sum(), _masked(dev.sum(-1), keep).sum(), _masked(sums.squeeze(-1).pow(2), keep).sum(),
+        means = sums.reshape(-1) / x.shape[-1]  # squares of means, not of sums: no earlier overflow
+        return Moments(x.numel() // x.shape[-1], dev.sum(), torch.dot(means, means), x.amax(), x.amin().neg())
+    return Moments(keep.sum(), _masked(dev.sum(-1), keep).sum(),
+                   _masked(sums.squeeze(-1).div(x.shape[-1]).pow(2), keep).sum(),
                    _masked(x.amax(-1), keep, -math.inf).amax(), _masked(x.amin(-1).neg(), keep, -math.inf).amax())
 
 
@@ -116,7 +117,7 @@ def add_moments(rec: Recording, keys: Moments, x: torch.Tensor, keep: torch.Tens
     acc = rec.acc
     acc.add(keys.n, found.n)
     acc.add(keys.dev_sq, found.dev_sq)
-    acc.add(keys.tok_sq, found.tok_sq)
+    acc.add(keys.mean_sq, found.mean_sq)
     acc.max(keys.hi, found.hi)
     acc.max(keys.neg_lo, found.neg_lo)
 
@@ -175,7 +176,7 @@ class ActivationStats(StatFamily):
         order = [(b.layer, site, "fwd") for b in self.blocks for site in self.sites]
         order += [(b.layer, site, "bwd") for b in reversed(self.blocks) for site in reversed(self.sites)]
         for key in order:
-            sums = [values.get(key + (s,)) for s in ("dev_sq", "tok_sq")]
+            sums = [values.get(key + (s,)) for s in ("dev_sq", "mean_sq")]
             maxima = [values.get(key + (s,)) for s in ("hi", "neg_lo")]  # -inf: no token kept
             if any(v is not None and not math.isfinite(v) for v in sums) or any(
                     v is not None and (math.isnan(v) or v == math.inf) for v in maxima):
@@ -192,8 +193,8 @@ class ActivationStats(StatFamily):
                     # gradients are reduced unscaled; a distributed rank's share (grad_scale) applies here
                     scale = self.grad_scale if direction == "bwd" else 1.0
                     n, hidden = values[key + ("n",)], self.hidden[(block.layer, site)]
-                    dev_sq, tok_sq = values[key + ("dev_sq",)], values[key + ("tok_sq",)]
-                    sq = dev_sq + tok_sq / hidden
+                    dev_sq, mean_sq = values[key + ("dev_sq",)], values[key + ("mean_sq",)]
+                    sq = dev_sq + hidden * mean_sq
                     absmax = _max(values[key + ("hi",)], values[key + ("neg_lo",)]) if n else math.nan
                     emit(block.layer, site, direction, "var", _div(dev_sq, n * hidden) * scale**2)
                     emit(block.layer, site, direction, "rms", _sqrt(_div(sq, n * hidden)) * scale)
@@ -254,11 +255,11 @@ class ShortcutBranchStats(StatFamily):
 
 
 def _sum_sq(tensors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """The sum of squares of each tensor (at least float32): one fused norm per dtype."""
+    """The sum of squares of each tensor (at least float32): one fused norm per dtype and device."""
     out: list[torch.Tensor | None] = [None] * len(tensors)
-    groups: dict[torch.dtype, list[int]] = {}
+    groups: dict[tuple[torch.dtype, torch.device], list[int]] = {}
     for i, t in enumerate(tensors):
-        groups.setdefault(t.dtype, []).append(i)
+        groups.setdefault((t.dtype, t.device), []).append(i)
     for idx in groups.values():
         norms = torch._foreach_norm([tensors[i] for i in idx], 2, dtype=stat_dtype(tensors[idx[0]]))
         for i, sq in zip(idx, torch.stack(norms).square().unbind(), strict=True):
@@ -309,11 +310,15 @@ class ParamStats(StatFamily):
         snapshot = rec.state.pop(self.name, None)
         if snapshot is None:
             return
-        deltas = []
-        for (_, _, ps), before in zip(self.segments, snapshot, strict=True):
-            now, dt = self._flat(ps), stat_dtype(before)  # a fresh copy: subtract in place
-            deltas.append(now.sub_(before) if now.dtype == dt else now.to(dt).sub_(before.to(dt)))
-        self._set(rec, "d_sq", deltas)
+        # The update, computed into the snapshot itself (a private copy): no second copy of the
+        # parameters. A snapshot in a narrower dtype is widened one segment at a time.
+        for i, ((_, _, ps), before) in enumerate(zip(self.segments, snapshot, strict=True)):
+            now = [local(p).detach().reshape(-1) for p in ps]
+            if before.dtype == stat_dtype(before) and all(p.dtype == before.dtype for p in now):
+                torch._foreach_sub_(list(before.split([p.numel() for p in now])), now)
+            else:
+                snapshot[i] = torch.cat([p.to(stat_dtype(before)) for p in now]).sub_(before.to(stat_dtype(before)))
+        self._set(rec, "d_sq", snapshot)
 
     @staticmethod
     def _total(values: Mapping[Key, float], layer: int, name: str) -> float | None:
