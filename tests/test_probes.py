@@ -398,6 +398,30 @@ def test_a_step_with_every_token_excluded_records_nan_and_is_not_called_non_fini
     assert len(frame) and frame["value"].isna().all()  # var, rms and absmax of no token: undefined
 
 
+@pytest.mark.parametrize("grads_at_backward_end", [False, True])
+def test_parameter_statistics_of_a_bf16_model_match_float64(grads_at_backward_end: bool) -> None:
+    model = _model(torch.bfloat16, gpas=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=0.5)
+    with Probe(model, config=ProbeConfig(every=1, stats=("params",)),
+               grads_at_backward_end=grads_at_backward_end) as probe:
+        probe.begin_step(1)
+        model(*_batch(3)).loss.backward()
+        probe.after_backward(1)
+        grads = {p: p.grad.double() for p in params}
+        before = {p: p.detach().double() for p in params}
+        opt.step()  # bf16 weights: the update is rounded to bf16, and read back exactly
+        probe.end_step(SimpleNamespace(step=1))
+        got = _rows(probe.frame())
+    for block in model.layers:
+        ps = [p for p in block.parameters() if p.requires_grad]
+        w = _norm(before[p] for p in ps)
+        exp = {"grad_norm": _norm(grads[p] for p in ps), "weight_norm": w,
+               "update_ratio": _norm(p.detach().double() - before[p] for p in ps) / w}
+        for stat, value in exp.items():
+            assert got[(block.layer, "params", "none", stat)] == pytest.approx(value, rel=1e-5), stat
+
+
 def test_large_finite_activations_give_finite_moments() -> None:
     from gpas_probe.probes.stats import moments
 
