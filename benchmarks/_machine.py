@@ -27,6 +27,19 @@ def describe(*parts: str) -> str:
     return "; ".join([f"{cpu_model()} ({os.cpu_count()} cores)", *parts, f"load average {load_average()}"])
 
 
+def torch_setup(threads: int, device: str):  # type: ignore[no-untyped-def]
+    """Set torch's CPU threads (0 keeps torch's default) and return the device, exiting with one
+    line when CUDA is asked for and absent."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda, but no CUDA device is available")
+    return dev
+
+
 def torch_machine(device) -> str:  # type: ignore[no-untyped-def]
     """CPU, torch threads, GPU and torch version (for the training benchmarks)."""
     import torch

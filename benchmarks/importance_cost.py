@@ -20,6 +20,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import torch
+from _machine import torch_setup
 
 from gpas_probe.analysis.importance import deletion_importance, naive_deletion_importance
 from gpas_probe.config import ModelConfig
@@ -75,10 +76,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--rss-only", type=int, default=0, help=argparse.SUPPRESS)  # child: run N batches
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    device = torch.device(args.device)
+    device = torch_setup(args.threads, args.device)
     torch.manual_seed(0)
     config = ModelConfig.from_preset("small")
     model = build_model(config).to(device).eval()

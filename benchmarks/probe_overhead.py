@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from _machine import torch_machine
+from _machine import torch_machine, torch_setup
 
 from gpas_probe.config import ModelConfig, TrainConfig, get_preset
 from gpas_probe.gpas import clip_gate_grad_
@@ -217,11 +217,7 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true",
                     help="as train --compile: unrecorded steps compiled, recorded steps eager")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda, but no CUDA device is available")
+    device = torch_setup(args.threads, args.device)
 
     preset = get_preset(args.preset)
     config = ModelConfig.from_preset(args.preset, gpas=args.gpas)

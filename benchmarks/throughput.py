@@ -28,7 +28,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 
 import torch
-from _machine import torch_machine
+from _machine import torch_machine, torch_setup
 
 from gpas_probe.checkpoint import hf_config, parameter_map
 from gpas_probe.config import ModelConfig, get_preset
@@ -76,11 +76,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--compile", action="store_true", help="also time our model under torch.compile")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("error: --device cuda, but no CUDA device is available")
+    device = torch_setup(args.threads, args.device)
 
     config = ModelConfig.from_preset(args.preset)
     seq = args.seq_len or get_preset(args.preset).train.get("seq_len", 128)
