@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_corpus
 from typer.testing import CliRunner
 
 from gpas_probe.cli.main import app
@@ -19,11 +20,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def text(tmp_path_factory) -> Path:
-    rng = np.random.default_rng(2)
-    words = ["alpha", "beta", "gamma", "delta", "residual", "stream", "layer", "norm", "gate", "scale"]
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text(" ".join(rng.choice(words, size=3000)))
-    return path
+    return write_corpus(tmp_path_factory.mktemp("data"), seed=2, words=3000)
 
 
 def _train(out: Path, data: Path | str, *extra: str) -> list[str]:

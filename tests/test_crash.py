@@ -15,11 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import write_corpus
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
@@ -35,11 +35,7 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def text(tmp_path_factory) -> Path:
-    rng = np.random.default_rng(1)
-    words = ["alpha", "beta", "gamma", "delta", "residual", "stream", "layer", "norm", "gate", "scale"]
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text(" ".join(rng.choice(words, size=6000)))
-    return path
+    return write_corpus(tmp_path_factory.mktemp("data"), seed=1, words=6000)
 
 
 # -- helpers ---------------------------------------------------------------------------------------

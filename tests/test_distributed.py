@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.distributed as dist
+from conftest import write_corpus
 from safetensors.torch import load_file, save_file
 
 from gpas_probe import ModelConfig, TrainConfig, load_checkpoint, train
@@ -31,12 +32,7 @@ STEPS = 6
 
 @pytest.fixture(scope="module")
 def text(tmp_path_factory) -> Path:
-    """A small deterministic text corpus (faster to load than the built-in one)."""
-    rng = np.random.default_rng(0)
-    words = ["alpha", "beta", "gamma", "delta", "residual", "stream", "layer", "norm", "gate", "scale"]
-    path = tmp_path_factory.mktemp("data") / "corpus.txt"
-    path.write_text(" ".join(rng.choice(words, size=6000)))
-    return path
+    return write_corpus(tmp_path_factory.mktemp("data"), seed=0, words=6000)
 
 
 def _cli_args(norm: str, gate: str, data: Path, out: Path, steps: int = STEPS, batch: int = PER_RANK) -> list[str]:
