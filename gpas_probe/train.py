@@ -328,7 +328,8 @@ class _Loop:
         # A recorded step runs the eager module: probe hooks never enter the compiled graph, so
         # recording neither recompiles it nor traces the statistics code (one graph for training).
         compiled = torch.compile(self.fwd) if cfg.compile else self.fwd
-        eval_model = model if ctx.mode == "ddp" else compiled  # DDP's wrapper adds nothing to a no-grad pass
+        # DDP's wrapper adds nothing to a no-grad pass; a recorded step evaluates eagerly too (hooks are on)
+        eval_eager, eval_compiled = (model, model) if ctx.mode == "ddp" else (self.fwd, compiled)
         params = [p for p in model.parameters() if p.requires_grad]
         replicated = replicated_parameters(model) if ctx.mode == "fsdp" else []
         tokens_per_step = cfg.batch_size * ctx.world * cfg.seq_len
@@ -360,7 +361,7 @@ class _Loop:
             t_last = now
             finite, last = math.isfinite(loss_value), step == cfg.steps
             if finite and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
-                net = eval_model if not recorded else model if ctx.mode == "ddp" else self.fwd  # hooks: eager
+                net = eval_eager if recorded else eval_compiled
                 info.val_loss = ctx.mean(evaluate(net, self.val_batches, ctx.device))
                 log.info("step %d: loss %.4f, val loss %.4f", step, loss_value, info.val_loss)
             for o in self.observers:

@@ -294,13 +294,13 @@ class ParamStats(StatFamily):
             for part, sharded in (("whole", False), ("sharded", True)):
                 if ps := [p for p in params if is_sharded(p) == sharded]:
                     self.segments.append((b.layer, part, ps))
-        snapshot = [self._flat(ps) for _, _, ps in self.segments]  # copies
+        snapshot = [torch.cat(self._pieces(ps)) for _, _, ps in self.segments]  # copies
         rec.state[self.name] = snapshot
         self._set(rec, "w_sq", snapshot)
 
     @staticmethod
-    def _flat(params: Sequence[nn.Parameter]) -> torch.Tensor:
-        return torch.cat([local(p).detach().reshape(-1) for p in params])
+    def _pieces(params: Sequence[nn.Parameter]) -> list[torch.Tensor]:
+        return [local(p).detach().reshape(-1) for p in params]  # views, in the snapshot's order
 
     def _set(self, rec: Recording, name: str, flats: Sequence[torch.Tensor]) -> None:
         for (layer, part, _), sq in zip(self.segments, _sum_sq(flats), strict=True):
@@ -313,7 +313,7 @@ class ParamStats(StatFamily):
         # The update, computed into the snapshot itself (a private copy): no second copy of the
         # parameters. A snapshot in a narrower dtype is widened one segment at a time.
         for i, ((_, _, ps), before) in enumerate(zip(self.segments, snapshot, strict=True)):
-            now = [local(p).detach().reshape(-1) for p in ps]
+            now = self._pieces(ps)
             if before.dtype == stat_dtype(before) and all(p.dtype == before.dtype for p in now):
                 torch._foreach_sub_(list(before.split([p.numel() for p in now])), now)
             else:
