@@ -3,10 +3,10 @@
 One model and one optimizer; the variants (no probe, and a :class:`~gpas_probe.probes.Probe` recording
 every 1, 10 and 100 of its own steps) take turns step by step in one process, in an order that
 rotates every round, so drifting machine load hits every variant alike. A step mirrors
-:func:`gpas_probe.train.train`: lr update, ``begin_step``, forward (bf16 autocast with ``--dtype
+:func:`gpas_probe.train`: lr update, ``begin_step``, forward (bf16 autocast with ``--dtype
 bf16``, as ``train`` does on CUDA), backward, ``after_backward``, global gradient clip, gate clip,
 ``optimizer.step()``, ``zero_grad``, ``loss.item()``, ``end_step`` with a
-:class:`~gpas_probe.train.StepInfo`. The probes write their parquet chunks to a temporary folder
+:class:`~gpas_probe.training.StepInfo`. The probes write their parquet chunks to a temporary folder
 (flushes included).
 
 Each round yields, per variant, the ratio of its step time to the no-probe step of the same round;
@@ -43,8 +43,10 @@ from _machine import torch_machine, torch_setup
 from gpas_probe.config import ModelConfig, TrainConfig, get_preset
 from gpas_probe.gpas import clip_gate_grad_
 from gpas_probe.model import build_model
-from gpas_probe.probes import FAMILIES, Every, Probe, ProbeConfig
-from gpas_probe.train import StepInfo, make_optimizer
+from gpas_probe.probes import FAMILIES, Driver, Every, Probe, ProbeConfig
+from gpas_probe.training import StepInfo, make_optimizer
+
+TRAINING = Driver(grads_at_backward_end=True, grad_norm_given=True)  # the driver train() is, in one process
 
 EVERY = (1, 10, 100)
 GOALS = {"cpu": {1: 0.10, 100: 0.01}, "cuda": {1: 0.03, 100: 0.01}}
@@ -67,7 +69,7 @@ class Sample(NamedTuple):
 
 
 class Runner:
-    """One training step as :func:`gpas_probe.train.train` runs it, with the given observers."""
+    """One training step as :func:`gpas_probe.train` runs it, with the given observers."""
 
     def __init__(self, model: torch.nn.Module, cfg: TrainConfig, device: torch.device, autocast: bool,
                  batches: list[tuple[torch.Tensor, torch.Tensor]], compile: bool = False) -> None:
@@ -141,7 +143,7 @@ def main_schedules(args: argparse.Namespace, runner: Runner, model: torch.nn.Mod
     probes: dict[str, Probe | None] = {"none": None}
     for n in EVERY:
         probes[f"every {n}"] = Probe(model, tmp / f"every{n}", config=ProbeConfig(), schedule=Every(n),
-                                      grads_at_backward_end=True, grad_norm_given=True)  # as train() does
+                                      driver=TRAINING)  # as train() does
     rounds = interleave(runner, probes, args.rounds, args.warmup)
     for p in probes.values():
         if p is not None:
@@ -185,7 +187,7 @@ def main_breakdown(args: argparse.Namespace, runner: Runner, model: torch.nn.Mod
     for family in (*FAMILIES, "all"):
         stats = FAMILIES if family == "all" else (family,)
         probes[family] = Probe(model, tmp / family, config=ProbeConfig(stats=stats), schedule=Every(1),
-                                grads_at_backward_end=True, grad_norm_given=True)
+                                driver=TRAINING)
     rounds = interleave(runner, probes, args.rounds, args.warmup)
     for p in probes.values():
         if p is not None:

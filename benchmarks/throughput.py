@@ -8,7 +8,7 @@ A timed step is forward with labels, backward, ``zero_grad(set_to_none=True)``: 
 step without the optimizer, which is the same code for both. The two take turns step by step (ABAB,
 the order swapped every round) in one process; each round gives the ratio of their step times, and
 the median ratio is reported with the best-of and median step times of each. On CPU the models run
-in fp32; ``--dtype bf16`` runs both under bf16 autocast, as :func:`gpas_probe.train.train` does on
+in fp32; ``--dtype bf16`` runs both under bf16 autocast, as :func:`gpas_probe.train` does on
 CUDA. ``--compile`` adds our model under ``torch.compile`` (a C++ compiler is needed on CPU, Triton
 on GPU) to measure the compiled speed-up.
 
@@ -30,7 +30,7 @@ from contextlib import nullcontext
 import torch
 from _machine import torch_machine, torch_setup
 
-from gpas_probe.checkpoint import hf_config, parameter_map
+from gpas_probe.checkpoints import hf_config, parameter_map
 from gpas_probe.config import ModelConfig, get_preset
 from gpas_probe.model import build_model
 

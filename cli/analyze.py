@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -32,8 +33,8 @@ FIGURE_HELP = {
 def _plot_command(kind: str):
     @friendly_errors
     def command(
-        runs: list[Path] = typer.Argument(..., help="Run folders (or their probes/ folders)."),
-        output: Path = typer.Option(..., "--output", "-o", help="Figure file: .png, .svg or .pdf."),
+        runs: Annotated[list[Path], typer.Argument(help="Run folders (or their probes/ folders).")],
+        output: Annotated[Path, typer.Option("--output", "-o", help="Figure file: .png, .svg or .pdf.")],
     ) -> None:
         fig = make_figure(kind, load_runs(runs))
         try:
@@ -68,7 +69,7 @@ def print_table(df, title: str) -> None:
 
 
 @friendly_errors
-def info_cmd(run: Path = typer.Argument(..., help="A run folder.")) -> None:
+def info_cmd(run: Annotated[Path, typer.Argument(help="A run folder.")]) -> None:
     """Steps, layers, sites, statistics and size of a recorded run."""
     for key, value in run_info(run).items():
         console.print(f"[bold]{key}[/]: {value}", highlight=False)
@@ -89,6 +90,6 @@ def print_compare(data, title: str) -> None:
 
 
 @friendly_errors
-def compare_cmd(runs: list[Path] = typer.Argument(..., help="Run folders.")) -> None:
+def compare_cmd(runs: Annotated[list[Path], typer.Argument(help="Run folders.")]) -> None:
     """A table: final validation loss, top/bottom-layer variance ratio, deep shortcut/branch ratio, gates."""
     print_compare(load_runs(runs), "runs compared")

@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from gpas_probe.distributed import DistContext, mark_quiet
+
 console = Console()
 err_console = Console(stderr=True)
 
@@ -54,6 +56,20 @@ def friendly_errors(fn: F) -> F:
             fail("interrupted", code=130)
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextmanager
+def reported_by_rank0(ctx: DistContext) -> Iterator[None]:
+    """Under ``torchrun``, an input error every rank raises together is printed by rank 0 before the ranks
+    leave (torchrun stops the other processes as soon as one exits, so a report printed after that might
+    never appear); the error is then marked as reported. One process: nothing changes."""
+    try:
+        yield
+    except USER_ERRORS as e:
+        if ctx.distributed and getattr(e, "shared", False) and not getattr(e, "quiet", False):
+            err_console.print(f"[bold red]error:[/] {escape(error_line(e))}", highlight=False, soft_wrap=True)
+            mark_quiet(e)
+        raise
 
 
 def setup_logging(verbose: bool) -> None:

@@ -5,15 +5,17 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from gpas_probe.analysis.diagnose import SIGNALS, Diagnosis, Thresholds, diagnose_runs
+from gpas_probe.analysis.diagnosis import SIGNALS, Diagnosis, Thresholds, diagnose_runs
 from gpas_probe.cli.common import console, friendly_errors
 from gpas_probe.store import load_runs
 
 _DEFAULTS = Thresholds()
+Opt = typer.Option
 
 #: signal -> (column shown, header, format)
 _SHOWN = {
@@ -86,28 +88,29 @@ def _report(d: Diagnosis) -> None:
 
 @friendly_errors
 def diagnose_cmd(
-    runs: list[Path] = typer.Argument(..., help="Run or profile folders (or their probes/ folders)."),
-    json_out: bool = typer.Option(False, "--json", help="Print only JSON (every run's verdict and evidence)."),
-    strict: bool = typer.Option(False, "--strict", help="Exit with code 1 when any run shows underuse."),
-    step: int = typer.Option(None, help="Read every signal at this step (default: each at its last recorded step)."),
-    max_var_rel: float = typer.Option(None, help="Variance fires above this multiple of layer 0's "
-                                                 f"(default {_DEFAULTS.max_var_rel})."),
-    max_ratio: float = typer.Option(None, help=f"Shortcut/branch RMS ratio fires above this (default "
-                                               f"{_DEFAULTS.max_ratio})."),
-    min_grad_rel: float = typer.Option(None, help="Gradient norm fires below this fraction of the shallow half's "
-                                                  f"median (default {_DEFAULTS.min_grad_rel})."),
-    min_deletion: float = typer.Option(None, help="Deletion fires below this loss increase in nats "
-                                                  f"(default {_DEFAULTS.min_deletion})..."),
-    min_deletion_rel: float = typer.Option(None, help="... or below this fraction of the median layer's "
-                                                      f"(default {_DEFAULTS.min_deletion_rel})."),
-    min_angular: float = typer.Option(None, help="Angular distance to the next layer fires below this "
-                                                 f"(default {_DEFAULTS.min_angular})..."),
-    min_angular_rel: float = typer.Option(None, help="... or below this fraction of the median layer's "
-                                                     f"(default {_DEFAULTS.min_angular_rel})."),
-    min_flags: int = typer.Option(None, help="Signals that must fire for a layer to be underused (default: a "
-                                             "majority of those recorded, at least 2)."),
-    min_fraction: float = typer.Option(None, help="Fraction of the deep half that must be underused for the "
-                                                  f"'underuse' verdict (default {_DEFAULTS.min_fraction})."),
+    runs: Annotated[list[Path], typer.Argument(help="Run or profile folders (or their probes/ folders).")],
+    json_out: Annotated[bool, Opt("--json", help="Print only JSON (every run's verdict and evidence).")] = False,
+    strict: Annotated[bool, Opt("--strict", help="Exit with code 1 when any run shows underuse.")] = False,
+    step: Annotated[int | None, Opt(help="Read every signal at this step (default: each at its last recorded "
+                                         "step).")] = None,
+    max_var_rel: Annotated[float | None, Opt(help="Variance fires above this multiple of layer 0's "
+                                                  f"(default {_DEFAULTS.max_var_rel}).")] = None,
+    max_ratio: Annotated[float | None, Opt(help="Shortcut/branch RMS ratio fires above this (default "
+                                                f"{_DEFAULTS.max_ratio}).")] = None,
+    min_grad_rel: Annotated[float | None, Opt(help="Gradient norm fires below this fraction of the shallow "
+                                                   f"half's median (default {_DEFAULTS.min_grad_rel}).")] = None,
+    min_deletion: Annotated[float | None, Opt(help="Deletion fires below this loss increase in nats "
+                                                   f"(default {_DEFAULTS.min_deletion})...")] = None,
+    min_deletion_rel: Annotated[float | None, Opt(help="... or below this fraction of the median layer's "
+                                                       f"(default {_DEFAULTS.min_deletion_rel}).")] = None,
+    min_angular: Annotated[float | None, Opt(help="Angular distance to the next layer fires below this "
+                                                  f"(default {_DEFAULTS.min_angular})...")] = None,
+    min_angular_rel: Annotated[float | None, Opt(help="... or below this fraction of the median layer's "
+                                                      f"(default {_DEFAULTS.min_angular_rel}).")] = None,
+    min_flags: Annotated[int | None, Opt(help="Signals that must fire for a layer to be underused (default: a "
+                                              "majority of those recorded, at least 2).")] = None,
+    min_fraction: Annotated[float | None, Opt(help="Fraction of the deep half that must be underused for the "
+                                                   f"'underuse' verdict (default {_DEFAULTS.min_fraction}).")] = None,
 ) -> None:
     """Are the deep layers underused? Verdict and evidence per layer, from training probes or a profile."""
     overrides = {"max_var_rel": max_var_rel, "max_ratio": max_ratio, "min_grad_rel": min_grad_rel,

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Annotated
+
 import typer
 
-from gpas_probe import __version__
+from gpas_probe._version import __version__
 from gpas_probe.cli.analyze import compare_cmd, info_cmd, plot_app
 from gpas_probe.cli.demo import demo_cmd
 from gpas_probe.cli.diagnose import diagnose_cmd
@@ -28,8 +30,8 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                      help="Print the version and exit.")) -> None:
+def main(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                               help="Print the version and exit.")] = False) -> None:
     """Are my deep layers doing anything?"""
 
 

@@ -6,12 +6,14 @@ import json
 from contextlib import ExitStack
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import typer
 
 from gpas_probe.cli.common import console, friendly_errors, progress_bar, setup_logging
-from gpas_probe.profile import PROFILE_FILE, ProfileProgress, profile_many
+from gpas_probe.profile import PROFILE_FILE, ProfileConfig, ProfileProgress, profile_many
+
+Opt = typer.Option
 
 
 class Backend(str, Enum):
@@ -28,32 +30,37 @@ class DType(str, Enum):
 
 @friendly_errors
 def profile_cmd(
-    ckpts: list[Path] = typer.Argument(..., help="Checkpoint folders, run folders (every step checkpoint) or "
-                                                 "folders of step_* checkpoints."),
-    out: Path = typer.Option(Path("profiles"), "--out", "-o", help="Output folder; each run goes to OUT/RUN_ID."),
-    data: str = typer.Option("builtin", help="'builtin' (validation split of Python's stdlib source), a text "
-                                             "file, or .npy/.bin tokens."),
-    tokenizer: Path = typer.Option(None, help="tokenizer.json for text data (default: the checkpoint's own if it "
-                                              "has one, else bytes)."),
-    batches: int = typer.Option(8, help="Evaluation batches."),
-    batch_size: int = typer.Option(8, help="Sequences per batch."),
-    seq_len: int = typer.Option(256, help="Tokens per sequence."),
-    norm: str = typer.Option(None, help="The scheme, where the weights cannot tell (post or deepnorm; lns)."),
-    post_layers: int = typer.Option(None, help="Mix-LN: number of leading post-norm layers."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
-    dtype: DType = typer.Option(None, help="Cast the weights (default: as stored)."),
-    run_id: str = typer.Option(None, "--run-id", help="Put everything given into OUT/RUN_ID (default: one folder "
-                                                      "per run, named after it)."),
-    latest: bool = typer.Option(False, "--latest", help="Only the latest checkpoint of each run folder."),
-    no_importance: bool = typer.Option(False, "--no-importance", help="Skip layer importance."),
-    no_activations: bool = typer.Option(False, "--no-activations", help="Skip forward/backward statistics."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace earlier profiles of the same runs."),
-    backend: Backend = typer.Option(Backend.auto, help="How checkpoints load: auto (natively when supported, else "
-                                                       "with transformers, the hf extra), native, or hf."),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Log progress details."),
+    ckpts: Annotated[list[Path], typer.Argument(help="Checkpoint folders, run folders (every step checkpoint) or "
+                                                     "folders of step_* checkpoints.")],
+    out: Annotated[Path, Opt("--out", "-o", help="Output folder; each run goes to OUT/RUN_ID.")] = Path("profiles"),
+    data: Annotated[str, Opt(help="'builtin' (validation split of Python's stdlib source), a text file, or "
+                                  ".npy/.bin tokens.")] = "builtin",
+    tokenizer: Annotated[Path | None, Opt(help="tokenizer.json for text data (default: the checkpoint's own if it "
+                                               "has one, else bytes).")] = None,
+    batches: Annotated[int, Opt(help="Evaluation batches.")] = 8,
+    batch_size: Annotated[int, Opt(help="Sequences per batch.")] = 8,
+    seq_len: Annotated[int, Opt(help="Tokens per sequence.")] = 256,
+    norm: Annotated[str | None, Opt(help="The scheme, where the weights cannot tell (post or deepnorm; lns).")
+                    ] = None,
+    post_layers: Annotated[int | None, Opt(help="Mix-LN: number of leading post-norm layers.")] = None,
+    device: Annotated[str, Opt(help="auto, cpu, cuda, cuda:N.")] = "auto",
+    dtype: Annotated[DType | None, Opt(help="Cast the weights (default: as stored).")] = None,
+    run_id: Annotated[str | None, Opt("--run-id", help="Put everything given into OUT/RUN_ID (default: one folder "
+                                                       "per run, named after it).")] = None,
+    latest: Annotated[bool, Opt("--latest", help="Only the latest checkpoint of each run folder.")] = False,
+    no_importance: Annotated[bool, Opt("--no-importance", help="Skip layer importance.")] = False,
+    no_activations: Annotated[bool, Opt("--no-activations", help="Skip forward/backward statistics.")] = False,
+    overwrite: Annotated[bool, Opt("--overwrite", help="Replace earlier profiles of the same runs.")] = False,
+    backend: Annotated[Backend, Opt(help="How checkpoints load: auto (natively when supported, else with "
+                                         "transformers, the hf extra), native, or hf.")] = Backend.auto,
+    verbose: Annotated[bool, Opt("--verbose", "-v", help="Log progress details.")] = False,
 ) -> None:
     """Profile checkpoints: per-site statistics and layer importance, in the training parquet schema."""
     setup_logging(verbose)
+    config = ProfileConfig.of(
+        data=data, tokenizer=tokenizer, batches=batches, batch_size=batch_size, seq_len=seq_len, norm=norm,
+        post_layers=post_layers, device=device, dtype=dtype.value if dtype else None, backend=backend.value,
+        importance=not no_importance, activations=not no_activations)
     with ExitStack() as stack:
         bar: dict[str, Any] = {}
 
@@ -64,11 +71,8 @@ def profile_cmd(
             bar["bar"].update(bar["task"], completed=p.completed, total=p.total,
                               what=f"{p.run_id} step {p.step} {p.phase}")
 
-        written = profile_many(
-            ckpts, out, data=data, tokenizer=tokenizer, batches=batches, batch_size=batch_size, seq_len=seq_len,
-            norm=norm, post_layers=post_layers, device=device, dtype=dtype.value if dtype else None, run_id=run_id,
-            importance=not no_importance, activations=not no_activations, latest=latest, overwrite=overwrite,
-            backend=backend.value, callback=on_progress)
+        written = profile_many(ckpts, out, config, run_id=run_id, latest=latest, overwrite=overwrite,
+                               callback=on_progress)
     for folder in written:
         record = json.loads((folder / PROFILE_FILE).read_text())["checkpoints"]
         steps = ", ".join(str(r["step"]) for r in record)

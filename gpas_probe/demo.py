@@ -1,13 +1,17 @@
-"""The demo's library side: what it records and which figures it draws (``gpas-probe demo``)."""
+"""The demo's library side (``gpas-probe demo``): the two runs it trains, what it records, and the
+figures it draws."""
 
 from __future__ import annotations
 
 import logging
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib.pyplot as plt
 import pandas as pd
 
+from gpas_probe.config import ModelConfig, NormScheme, TrainConfig
 from gpas_probe.plots import make_figure, save_figure
 from gpas_probe.probes import ProbeConfig
 
@@ -15,6 +19,37 @@ log = logging.getLogger(__name__)
 
 #: Every figure of the demo, in the order they are written.
 DEMO_FIGURES = ("variance", "heatmap", "ratio", "grad", "gates", "loss")
+
+
+@dataclass(frozen=True)
+class DemoRun:
+    """One run of the demo: its label (``pre+gpas``), its folder under the demo's and its configs."""
+
+    label: str
+    folder: str
+    model: ModelConfig
+    train: TrainConfig
+
+
+def demo_runs(preset: str = "small", norm: NormScheme | str = NormScheme.PRE, steps: int = 300,
+              seed: int = 0) -> list[DemoRun]:
+    """A scheme without and with GPAS, from the same seed on the same batches; validation six times."""
+    norm = NormScheme(norm)
+    train = TrainConfig.from_preset(preset, steps=steps, seed=seed, eval_every=max(1, steps // 6))
+    runs = []
+    for gpas in (False, True):
+        label = f"{norm.value}{'+gpas' if gpas else ''}"
+        runs.append(DemoRun(label, label.replace("+", "-"), ModelConfig.from_preset(preset, norm=norm, gpas=gpas),
+                            train))
+    return runs
+
+
+def prepare_demo_dir(out: Path, overwrite: bool) -> None:
+    """Refuse an ``out`` that holds an earlier demo unless ``overwrite`` (then it is removed)."""
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} already holds a demo; pass --overwrite to replace it or --out elsewhere")
+        shutil.rmtree(out)
 
 
 def demo_probe_config(every: int = 25) -> ProbeConfig:

@@ -39,12 +39,12 @@ import numpy as np
 import torch
 
 from gpas_probe.data import BYTE_VOCAB, builtin_corpus, load_tokens
+from gpas_probe.extras import require
 from gpas_probe.model import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids, labels, mask (bool, True = real token)
-HF_HINT = 'pip install "gpas-probe[hf]"'
 TOKENIZER_FILE = "tokenizer.json"
 _SCAN = 1 << 24  # tokens per chunk when scanning a token file for its id range
 
@@ -61,12 +61,9 @@ def load_tokenizer(tokenizer: Any) -> tuple[Any, str]:
         p = p / TOKENIZER_FILE
     if not p.is_file():
         raise FileNotFoundError(f"tokenizer not found: {p}")
+    tokenizers = require("tokenizers", "hf", f"to read {p}")
     try:
-        from tokenizers import Tokenizer
-    except ImportError:
-        raise ImportError(f"reading {p} needs the tokenizers package: {HF_HINT}") from None
-    try:
-        return Tokenizer.from_file(str(p)), str(p)
+        return tokenizers.Tokenizer.from_file(str(p)), str(p)
     except Exception as e:  # the tokenizers package raises plain Exception on bad files
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f"{p}: not a readable {TOKENIZER_FILE} ({first})") from None

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from gpas_probe.checkpoint import load_checkpoint, save_checkpoint
+from gpas_probe.checkpoints import load, load_checkpoint, save_checkpoint
 from gpas_probe.config import ModelConfig
 from gpas_probe.model import build_model
 from gpas_probe.model.layers import RMSNorm
@@ -55,9 +55,10 @@ ROUND_TRIP = [
 def test_round_trip_is_exact(tmp_path: Path, kw: dict[str, Any]) -> None:
     model = _model(**kw)
     save_checkpoint(model, tmp_path / "ckpt", step=17)
-    loaded = load_checkpoint(tmp_path / "ckpt")
+    result = load(tmp_path / "ckpt")
+    loaded = result.model
     assert loaded.config == model.config
-    assert loaded.step == 17
+    assert result.step == 17 and result.path == tmp_path / "ckpt" and result.backend == "native"
     assert not loaded.training
     ours, theirs = dict(model.named_parameters()), dict(loaded.named_parameters())
     assert ours.keys() == theirs.keys()
@@ -253,8 +254,8 @@ def test_save_over_existing_replaces_whole(tmp_path: Path) -> None:
     path = tmp_path / "c"
     save_checkpoint(a, path, step=1, extra_files={"a_only.pt": {"x": 1}})
     save_checkpoint(b, path, step=2)
-    loaded = load_checkpoint(path)
-    assert loaded.step == 2 and loaded.config == b.config
+    result = load(path)
+    assert result.step == 2 and result.model.config == b.config
     assert not (path / "a_only.pt").exists()  # the old directory was replaced, not merged
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]  # no temporary or old directories left
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from gpas_probe import ModelConfig, NormScheme, build_model, load_checkpoint
+from gpas_probe import ModelConfig, NormScheme, build_model
+from gpas_probe.checkpoints import load
 from gpas_probe.cli.main import app
 
 runner = CliRunner()
@@ -26,8 +27,9 @@ def test_train_every_scheme(tmp_path, norm, gpas):
     res = runner.invoke(app, args)
     assert res.exit_code == 0, res.output
     assert "validation loss" in res.output
-    model = load_checkpoint(out)
-    assert model.step == 20
+    loaded = load(out)
+    model = loaded.model
+    assert loaded.step == 20
     assert model.config.norm.value == norm and model.config.gpas is gpas
     assert model.config.num_layers == 24
     meta = json.loads((out / "run.json").read_text())
@@ -46,7 +48,7 @@ def test_train_refuses_existing_run_without_flag(tmp_path):
     assert runner.invoke(app, base + ["--overwrite"]).exit_code == 0
     res = runner.invoke(app, ["train", "--preset", "tiny", "--steps", "4", "--out", str(out), "--resume"])
     assert res.exit_code == 0, res.output
-    assert load_checkpoint(out).step == 4
+    assert load(out).step == 4
 
 
 @pytest.mark.parametrize("args, message", [

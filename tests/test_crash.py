@@ -23,13 +23,13 @@ from conftest import write_corpus
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from gpas_probe import ModelConfig, TrainConfig, load_checkpoint, train
-from gpas_probe.checkpoint import find_checkpoints
+from gpas_probe import ModelConfig, TrainConfig, train
+from gpas_probe.checkpoints import load, step_checkpoints
 from gpas_probe.cli.main import app
 from gpas_probe.probes import ProbeConfig, load_run
 from gpas_probe.store import COLUMNS, KEY_COLUMNS, ProbeWriter, read_meta, truncate_after
 
-train_mod = importlib.import_module("gpas_probe.train")
+train_mod = importlib.import_module("gpas_probe.training")
 runner = CliRunner()
 
 
@@ -49,11 +49,11 @@ def _check_every_file_reads(run: Path) -> int:
         for chunk in sorted(probes.glob("part-*.parquet")):
             assert pq.read_table(chunk).column_names == list(COLUMNS), chunk
         pd.read_parquet(probes)  # plain pandas skips the hidden temporaries
-    ckpts = find_checkpoints(run)
+    ckpts = step_checkpoints(run)
     for ckpt in ckpts:
-        model = load_checkpoint(ckpt)
+        loaded = load(ckpt)
         state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
-        assert state["step"] == model.step == int(ckpt.name.split("_")[1])
+        assert state["step"] == loaded.step == int(ckpt.name.split("_")[1])
     last = ckpts[-1].name if ckpts else None
     if last is not None and probes.is_dir():  # the table on disk reaches the latest checkpoint
         steps = set(load_run(run).step)
@@ -109,7 +109,7 @@ def _kill_after_checkpoint(target: int, args: list[str], delay: float) -> None:
     proc = subprocess.Popen(_cli(args), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
-        ckpts = find_checkpoints(out) if (out / "checkpoints").is_dir() else []
+        ckpts = step_checkpoints(out) if (out / "checkpoints").is_dir() else []
         if ckpts and int(ckpts[-1].name.split("_")[1]) >= target:
             break
         time.sleep(0.02)

@@ -11,7 +11,7 @@ import torch
 
 from gpas_probe.config import ModelConfig, TrainConfig
 from gpas_probe.data import Batches, Corpus, builtin_corpus, load_corpus, load_tokens
-from gpas_probe.train import train
+from gpas_probe.training import train
 
 
 @pytest.fixture(scope="module")

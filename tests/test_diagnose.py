@@ -18,8 +18,8 @@ import typer
 from typer.testing import CliRunner
 
 from gpas_probe import ModelConfig, TrainConfig, build_model, train
-from gpas_probe.analysis.diagnose import SIGNALS, Diagnosis, Thresholds, diagnose, diagnose_runs, fit_growth
-from gpas_probe.analysis.importance import layer_importance, to_long
+from gpas_probe.analysis import layer_importance, to_long
+from gpas_probe.analysis.diagnosis import SIGNALS, Diagnosis, Thresholds, diagnose, diagnose_runs, fit_growth
 from gpas_probe.cli.diagnose import diagnose_cmd
 from gpas_probe.probes import ProbeConfig
 from gpas_probe.store import ARROW_SCHEMA, load_run

@@ -18,9 +18,10 @@ import torch.distributed as dist
 from conftest import write_corpus
 from safetensors.torch import load_file, save_file
 
-from gpas_probe import ModelConfig, TrainConfig, load_checkpoint, train
+from gpas_probe import ModelConfig, TrainConfig, train
+from gpas_probe.checkpoints import load
 from gpas_probe.probes import ProbeConfig, load_run
-from gpas_probe.probes.recording import SUM, Accumulator
+from gpas_probe.probes.accumulator import SUM, Accumulator
 from gpas_probe.store import KEY_COLUMNS
 
 pytestmark = pytest.mark.skipif(not (dist.is_available() and dist.is_gloo_available()),
@@ -76,8 +77,9 @@ def _assert_same_table(got: pd.DataFrame, ref: pd.DataFrame) -> None:
 
 
 def _assert_same_weights(run: Path, ref: torch.nn.Module) -> None:
-    model = load_checkpoint(run)  # a checkpoint written by rank 0 loads in one process
-    assert model.step == STEPS
+    loaded = load(run)  # a checkpoint written by rank 0 loads in one process
+    model = loaded.model
+    assert loaded.step == STEPS
     want = ref.state_dict()
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, want[k], rtol=1e-4, atol=1e-6, msg=k)

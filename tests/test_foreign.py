@@ -17,9 +17,15 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
 
-from gpas_probe.checkpoint import parameter_map
+from gpas_probe.checkpoints import (
+    checkpoint_step,
+    config_from_hf,
+    infer_scheme,
+    load_foreign,
+    parameter_map,
+    read_weights,
+)
 from gpas_probe.config import GateGranularity, ModelConfig, NormScheme
-from gpas_probe.foreign import config_from_hf, infer_scheme, load_foreign, read_weights
 from gpas_probe.model import build_model
 
 transformers = pytest.importorskip("transformers")
@@ -93,7 +99,7 @@ def test_llama_gqa_tied_theta(llama) -> None:
     assert (cfg.num_kv_heads, cfg.rope_theta, cfg.tie_embeddings, cfg.norm, cfg.gpas) == (
         KV_HEADS, 500000.0, True, NormScheme.PRE, False)
     assert ours.lm_head.weight is ours.embed_tokens.weight
-    assert not ours.training and ours.step is None
+    assert not ours.training and checkpoint_step(path) is None
     ids = _ids()
     torch.testing.assert_close(_our_logits(ours, ids), _hf_logits(hf, ids), rtol=1e-4, atol=1e-4)
 
@@ -352,7 +358,7 @@ def test_sublayer_gates_and_step(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({**_paper_config(2), "tie_word_embeddings": True}))
     (tmp_path / "training_state.json").write_text(json.dumps({"global_step": 4000, "update_step": 1000}))
     ours = load_foreign(tmp_path)
-    assert ours.config.gpas_granularity is GateGranularity.SUBLAYER and ours.step == 1000
+    assert ours.config.gpas_granularity is GateGranularity.SUBLAYER and checkpoint_step(tmp_path) == 1000
     ids = _ids()
     torch.testing.assert_close(_our_logits(ours, ids), _our_logits(src, ids), rtol=0, atol=1e-5)
 
@@ -383,13 +389,13 @@ def test_truncated_weights(llama, tmp_path: Path) -> None:
     hf.save_pretrained(tmp_path / "safe")
     f = tmp_path / "safe" / "model.safetensors"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    with pytest.raises(ValueError, match="model.safetensors: unreadable or truncated") as err:
+    with pytest.raises(ValueError, match="model.safetensors: unreadable weights") as err:
         load_foreign(tmp_path / "safe")
     _one_line(err)
     _save_bin(hf, tmp_path / "bin")
     f = tmp_path / "bin" / "pytorch_model.bin"
     f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
-    with pytest.raises(ValueError, match="pytorch_model.bin: unreadable or truncated") as err:
+    with pytest.raises(ValueError, match="pytorch_model.bin: unreadable weights") as err:
         load_foreign(tmp_path / "bin")
     _one_line(err)
 

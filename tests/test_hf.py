@@ -5,6 +5,7 @@ every model is a tiny random one built from a config here."""
 from __future__ import annotations
 
 import copy
+import importlib
 import math
 import sys
 from pathlib import Path
@@ -23,12 +24,13 @@ transformers = pytest.importorskip("transformers")
 import gpas_probe  # noqa: E402
 from gpas_probe import hf  # noqa: E402
 from gpas_probe.analysis.importance import layer_importance as native_importance  # noqa: E402
-from gpas_probe.checkpoint import load_checkpoint  # noqa: E402
+from gpas_probe.checkpoints import load_checkpoint  # noqa: E402
 from gpas_probe.cli.main import app  # noqa: E402
 from gpas_probe.evaldata import load_eval_data  # noqa: E402
-from gpas_probe.model.block import SITES  # noqa: E402
+from gpas_probe.hf.callback import GpasProbeCallback  # noqa: E402
+from gpas_probe.model import SITES  # noqa: E402
 from gpas_probe.probes import ACTIVATION_SITES, Every, ProbeConfig  # noqa: E402
-from gpas_probe.profile import profile_many, profile_model  # noqa: E402
+from gpas_probe.profile import ProfileConfig, profile_many, profile_model  # noqa: E402
 from gpas_probe.store import load_run  # noqa: E402
 
 V, H = 64, 32
@@ -56,8 +58,12 @@ def _ids(b: int = 2, t: int = 10, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, V, (b, t), generator=torch.Generator().manual_seed(seed))
 
 
+HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+              "_forward_hooks_always_called")
+
+
 def _all_hooks(model: torch.nn.Module) -> int:
-    return sum(len(getattr(m, d)) for m in model.modules() for d in hf._HOOK_DICTS)
+    return sum(len(getattr(m, d)) for m in model.modules() for d in HOOK_DICTS)
 
 
 def _stats(xs: list[torch.Tensor], masks: list[torch.Tensor]) -> dict[str, float]:
@@ -323,8 +329,9 @@ def test_gradient_checkpointing_records_each_site_once() -> None:
 def test_without_transformers_the_message_names_the_extra(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     model = tiny_gpt2()
     monkeypatch.setitem(sys.modules, "transformers", None)
-    monkeypatch.setattr(hf, "_CALLBACK", None)
-    for call in (lambda: hf.instrument(model), lambda: hf.GpasProbeCallback, lambda: hf.load_hf_causal_lm(tmp_path)):
+    monkeypatch.delitem(sys.modules, "gpas_probe.hf.callback", raising=False)
+    for call in (lambda: hf.instrument(model), lambda: importlib.import_module("gpas_probe.hf.callback"),
+                 lambda: hf.load_hf_causal_lm(tmp_path)):
         with pytest.raises(ImportError, match=r'pip install "gpas-probe\[hf\]"'):
             call()
     assert not hf.is_hf_model(model) and not hf.instrument_if_hf(model)  # never imports it
@@ -390,9 +397,9 @@ def test_hf_profile_equals_native_profile_of_the_same_llama(tmp_path: Path) -> N
     data = load_eval_data(_token_file(tmp_path, 2 * SEQ * BS + 3))
     native = load_checkpoint(ckpt, dtype=torch.float64)
     ours = hf.load_hf_causal_lm(ckpt, dtype=torch.float64)
-    kw = dict(step=7, batches=NB + 1, batch_size=BS, seq_len=SEQ)
-    want = profile_model(native, data, **kw).set_index(KEY).value.sort_index()
-    got = profile_model(ours, data, **kw).set_index(KEY).value.sort_index()
+    config = ProfileConfig.of(batches=NB + 1, batch_size=BS, seq_len=SEQ)
+    want = profile_model(native, data, config, step=7).set_index(KEY).value.sort_index()
+    got = profile_model(ours, data, config, step=7).set_index(KEY).value.sort_index()
     assert not hf.is_instrumented(ours)  # instrumented only for the call
     assert got.index.equals(want.index) and len(got) > 100
     # both compute RoPE tables in fp32 (by a product and by an outer product): float64 agrees to ~1e-7
@@ -409,17 +416,17 @@ def test_profile_backends_and_errors(tmp_path: Path) -> None:
     tiny_gpt2().save_pretrained(ckpt)
     kw = dict(data=_token_file(tmp_path, 200), batches=1, batch_size=2, seq_len=8)
     with pytest.raises(ValueError, match="'GPT2LMHeadModel' is not supported natively"):
-        profile_many([ckpt], tmp_path / "a", backend="native", **kw)
+        profile_many([ckpt], tmp_path / "a", ProfileConfig.of(backend="native", **kw))
     with pytest.raises(ValueError, match="applies only to checkpoints loaded natively"):
-        profile_many([ckpt], tmp_path / "a", norm="post", **kw)
+        profile_many([ckpt], tmp_path / "a", ProfileConfig.of(norm="post", **kw))
     with pytest.raises(ValueError, match="unknown backend"):
-        profile_many([ckpt], tmp_path / "a", backend="jax", **kw)
+        profile_many([ckpt], tmp_path / "a", ProfileConfig.of(backend="jax", **kw))
     native = tmp_path / "ours"
     gpas_probe.save_checkpoint(gpas_probe.build_model(gpas_probe.ModelConfig(
         vocab_size=V, hidden_size=H, intermediate_size=64, num_layers=2, num_heads=2, gpas=True)), native)
     with pytest.raises(ValueError, match="the weights do not match LlamaForCausalLM.*gpas"):
-        profile_many([native], tmp_path / "a", backend="hf", **kw)  # GPAS gates are no LLaMA weights
-    (run,) = profile_many([native], tmp_path / "b", backend="auto", importance=False, **kw)
+        profile_many([native], tmp_path / "a", ProfileConfig.of(backend="hf", **kw))  # gates are no LLaMA weights
+    (run,) = profile_many([native], tmp_path / "b", ProfileConfig.of(backend="auto", importance=False, **kw))
     assert "gpas" in set(load_run(run).site)  # ours load natively
     assert not (tmp_path / "a").exists()
 
@@ -468,7 +475,7 @@ def test_trainer_callback_writes_a_run_that_plots(tmp_path: Path) -> None:
         output_dir=str(tmp_path / "trainer"), max_steps=4, per_device_train_batch_size=2, gradient_accumulation_steps=2,
         per_device_eval_batch_size=4, learning_rate=1e-3, eval_strategy="steps", eval_steps=2, logging_steps=1,
         save_strategy="no", report_to=[], use_cpu=True, disable_tqdm=True, seed=0)
-    callback = hf.GpasProbeCallback(tmp_path / "run", every=2)
+    callback = GpasProbeCallback(tmp_path / "run", every=2)
     model = tiny_llama().train()
     first: list[tuple[torch.Tensor, torch.Tensor]] = []  # (embeddings, attention mask) of step 1's micro-batches
     masks: list[torch.Tensor] = []

@@ -14,15 +14,13 @@ import torch.nn.functional as F
 from gpas_probe.analysis.importance import (
     angular_distances,
     block_influence,
-    checkpoint_sources,
     deletion_importance,
     forward_skipping,
-    importance_over_training,
     layer_importance,
     naive_deletion_importance,
-    to_long,
 )
-from gpas_probe.checkpoint import save_checkpoint
+from gpas_probe.analysis.long import importance_over_training, to_long
+from gpas_probe.checkpoints import save_checkpoint, step_loaders
 from gpas_probe.config import ModelConfig
 from gpas_probe.gpas import gpas_modules
 from gpas_probe.model import IGNORE_INDEX, Transformer, build_model
@@ -286,13 +284,13 @@ def test_importance_over_training_loads_one_model_at_a_time(tmp_path) -> None:
 
     for i, step in enumerate((20, 5)):
         save_checkpoint(models[i], tmp_path / "checkpoints" / f"step_{step:06d}", step=step)
-    assert [s for s, _ in checkpoint_sources(tmp_path)] == [5, 20]
-    from_disk = importance_over_training(tmp_path, _batches, analysis=block_influence)
+    assert [s for s, _ in step_loaders(tmp_path)] == [5, 20]
+    from_disk = importance_over_training(step_loaders(tmp_path), _batches, analysis=block_influence)
     assert from_disk["step"].tolist() == [5] * 3 + [20] * 3
     np.testing.assert_allclose(from_disk[from_disk["step"] == 20]["influence"],
                                block_influence(models[0], _batches())["influence"], atol=1e-6)
     with pytest.raises(FileNotFoundError):
-        checkpoint_sources(tmp_path / "missing")
+        step_loaders(tmp_path / "missing")
 
 
 DTYPES = {"step": "int64", "layer": "int16", "value": "float64"}

@@ -10,7 +10,7 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from gpas_probe.checkpoint import assign_weights  # noqa: E402
+from gpas_probe.checkpoints import assign_weights  # noqa: E402
 from gpas_probe.config import ModelConfig  # noqa: E402
 from gpas_probe.model import build_model  # noqa: E402
 

@@ -34,7 +34,7 @@ from gpas_probe.probes import ProbeConfig
 from gpas_probe.store import COLUMNS, KEY_COLUMNS, PROBES_DIR, ProbeWriter, load_run
 
 # the package re-exports the function train(), which hides the module of the same name
-train_mod = importlib.import_module("gpas_probe.train")
+train_mod = importlib.import_module("gpas_probe.training")
 
 
 def _tiny_train(steps: int, **kw) -> TrainConfig:

@@ -18,8 +18,7 @@ import torch  # noqa: E402
 from matplotlib.collections import QuadMesh  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
-from gpas_probe import ModelConfig, build_model  # noqa: E402
-from gpas_probe.analysis import importance as analysis  # noqa: E402
+from gpas_probe import ModelConfig, analysis, build_model  # noqa: E402
 from gpas_probe.plots import (  # noqa: E402
     FIGURES,
     MissingDataError,

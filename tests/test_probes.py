@@ -17,6 +17,7 @@ from gpas_probe.gpas import clip_gate_grad_, gpas_modules
 from gpas_probe.model import SITES, build_model
 from gpas_probe.probes import (
     ACTIVATION_SITES,
+    Driver,
     Every,
     LogSpaced,
     Probe,
@@ -27,12 +28,14 @@ from gpas_probe.probes import (
     make_schedule,
     read_meta,
 )
+from gpas_probe.probes.activations import ActivationStats, moments
+from gpas_probe.probes.gates import gate_sites
+from gpas_probe.probes.ratios import ShortcutBranchStats
 from gpas_probe.probes.recording import Recording
-from gpas_probe.probes.stats import ActivationStats, ShortcutBranchStats, gate_sites
-from gpas_probe.train import StepInfo, train
+from gpas_probe.training import StepInfo, train
 
 # the package re-exports the function train(), which hides the module of the same name
-train_mod = importlib.import_module("gpas_probe.train")
+train_mod = importlib.import_module("gpas_probe.training")
 
 B, T = 3, 12
 
@@ -176,8 +179,8 @@ def test_every_statistic_matches_brute_force(case: str, grads_at_backward_end: b
         lengths = torch.tensor([T, T - 3, T - 7])
         exclude = torch.arange(T)[None, :] >= lengths[:, None]
         y = y.masked_fill(exclude, -100)
-    probe = Probe(model, config=ProbeConfig(every=1, skip_first_position=skip_first),
-                  grads_at_backward_end=grads_at_backward_end, grad_norm_given=grads_at_backward_end)  # as train()
+    driver = Driver(grads_at_backward_end=grads_at_backward_end, grad_norm_given=grads_at_backward_end)  # as train()
+    probe = Probe(model, config=ProbeConfig(every=1, skip_first_position=skip_first), driver=driver)
     probe.set_exclude_mask(exclude)
     with probe:
         exp, _ = _reference_step(model, probe, 1, x, y, exclude, skip_first, val_loss=2.5)
@@ -404,7 +407,7 @@ def test_parameter_statistics_of_a_bf16_model_match_float64(grads_at_backward_en
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=0.5)
     with Probe(model, config=ProbeConfig(every=1, stats=("params",)),
-               grads_at_backward_end=grads_at_backward_end) as probe:
+               driver=Driver(grads_at_backward_end=grads_at_backward_end)) as probe:
         probe.begin_step(1)
         model(*_batch(3)).loss.backward()
         probe.after_backward(1)
@@ -423,7 +426,6 @@ def test_parameter_statistics_of_a_bf16_model_match_float64(grads_at_backward_en
 
 
 def test_large_finite_activations_give_finite_moments() -> None:
-    from gpas_probe.probes.stats import moments
 
     x = torch.randn(2, 64, 4096, generator=torch.Generator().manual_seed(0)) + 1e15  # a diverging run's scale
     keep = torch.ones(2, 64, dtype=torch.bool)

@@ -19,15 +19,22 @@ import torch.nn.functional as F
 import typer
 from typer.testing import CliRunner
 
-from gpas_probe.analysis.importance import layer_importance, naive_deletion_importance, to_long
-from gpas_probe.checkpoint import find_checkpoints, load_checkpoint
+from gpas_probe.analysis import layer_importance, naive_deletion_importance, to_long
+from gpas_probe.checkpoints import load_checkpoint, step_checkpoints
 from gpas_probe.cli.profile import profile_cmd
 from gpas_probe.config import ModelConfig, TrainConfig, get_preset
 from gpas_probe.evaldata import EvalData, eval_batches, load_eval_data
 from gpas_probe.probes import ACTIVATION_SITES
-from gpas_probe.profile import PROFILE_FILE, checkpoint_groups, profile_checkpoint, profile_many, profile_model
+from gpas_probe.profile import (
+    PROFILE_FILE,
+    ProfileConfig,
+    checkpoint_groups,
+    profile_checkpoint,
+    profile_many,
+    profile_model,
+)
 from gpas_probe.store import load_run, read_meta
-from gpas_probe.train import train
+from gpas_probe.training import train
 
 WORDS = "the cat sat on a mat while dogs ran far away from home and birds sang loud songs".split()
 SEQ, BS, NB = 16, 2, 3  # evaluation windows of the brute-force tests
@@ -206,9 +213,9 @@ def _values(frame: pd.DataFrame) -> pd.Series:
 
 
 def test_profile_matches_brute_force_and_excludes_padding(run, short_text, tmp_path) -> None:
-    ckpt = find_checkpoints(run)[-1]
-    dest = profile_many([ckpt], tmp_path / "out", data=short_text, batches=NB, batch_size=BS, seq_len=SEQ,
-                        device="cpu")[0]
+    ckpt = step_checkpoints(run)[-1]
+    dest = profile_many([ckpt], tmp_path / "out", ProfileConfig.of(data=short_text, batches=NB, batch_size=BS,
+                                                                   seq_len=SEQ, device="cpu"))[0]
     assert dest == tmp_path / "out" / "myrun"
     frame = load_run(dest)
     assert list(frame.columns) == ["run_id", "step", "layer", "site", "direction", "stat", "value"]
@@ -255,11 +262,11 @@ def test_padding_changes_nothing(run, short_text, tmp_path) -> None:
     model = load_checkpoint(run)
     tokens = np.frombuffer(short_text.read_bytes(), np.uint8)
     padded = EvalData("padded", tokens, "bytes", "x")  # rows of 16, 16 | 16, 16 | 5 + padding
-    full = profile_model(model, EvalData("full", tokens[:65], "bytes", "x"), batches=2, batch_size=2, seq_len=SEQ,
-                         importance=False)
-    tail = profile_model(model, EvalData("tail", tokens[64:], "bytes", "x"), batches=1, batch_size=1, seq_len=5,
-                         importance=False)
-    both = profile_model(model, padded, batches=3, batch_size=2, seq_len=SEQ, importance=False)
+    full = profile_model(model, EvalData("full", tokens[:65], "bytes", "x"),
+                         ProfileConfig.of(batches=2, batch_size=2, seq_len=SEQ, importance=False))
+    tail = profile_model(model, EvalData("tail", tokens[64:], "bytes", "x"),
+                         ProfileConfig.of(batches=1, batch_size=1, seq_len=5, importance=False))
+    both = profile_model(model, padded, ProfileConfig.of(batches=3, batch_size=2, seq_len=SEQ, importance=False))
     # max over the two parts must be the max over all; the padded row's zeros must not enter
     a, b, c = _values(full), _values(tail), _values(both)
     absmax = [k for k in c.index if k[3] == "absmax" and k[2] == "fwd"]
@@ -283,7 +290,7 @@ def test_profile_streams_batches(run, short_text, monkeypatch) -> None:
             yield batch
 
     monkeypatch.setattr(EvalData, "batches", tracked)
-    frame = profile_model(model, data, batches=12, batch_size=1, seq_len=4)
+    frame = profile_model(model, data, ProfileConfig.of(batches=12, batch_size=1, seq_len=4))
     assert len(refs) == 2 * 12  # one pass for the statistics, one for importance
     assert max(alive) <= 1
     assert len(frame) > 0
@@ -292,8 +299,8 @@ def test_profile_streams_batches(run, short_text, monkeypatch) -> None:
 def test_steps_of_a_run_share_one_folder(run, short_text, tmp_path) -> None:
     seen = []
     out = tmp_path / "out"
-    dest = profile_many([run], out, data=short_text, batches=1, batch_size=2, seq_len=SEQ, device="cpu",
-                        callback=seen.append)
+    dest = profile_many([run], out, ProfileConfig.of(data=short_text, batches=1, batch_size=2, seq_len=SEQ,
+                                                     device="cpu"), callback=seen.append)
     assert dest == [out / "myrun"]
     frame = load_run(dest[0])
     assert sorted(frame["step"].unique()) == [2, 4]
@@ -306,9 +313,9 @@ def test_steps_of_a_run_share_one_folder(run, short_text, tmp_path) -> None:
     groups = checkpoint_groups([run / "checkpoints" / "step_000002", run], latest=True)
     assert {k: [p.name for p in v] for k, v in groups.items()} == {"myrun": ["step_000002", "step_000004"]}
     with pytest.raises(FileExistsError, match="already exists"):
-        profile_checkpoint(run, out, data=short_text)
-    one = profile_checkpoint(run, out, data=short_text, batches=1, batch_size=2, seq_len=SEQ, overwrite=True,
-                             run_id="latest", importance=False)
+        profile_checkpoint(run, out, ProfileConfig.of(data=short_text))
+    one = profile_checkpoint(run, out, ProfileConfig.of(data=short_text, batches=1, batch_size=2, seq_len=SEQ,
+                                                        importance=False), overwrite=True, run_id="latest")
     frame = load_run(one)
     assert set(frame["step"]) == {4} and "importance" not in set(frame["site"])
     assert frame.query("stat == 'val_loss'").shape[0] == 1
@@ -316,10 +323,10 @@ def test_steps_of_a_run_share_one_folder(run, short_text, tmp_path) -> None:
 
 def test_folder_of_step_checkpoints_and_name_clashes(run, short_text, tmp_path) -> None:
     steps = tmp_path / "steps"
-    for ckpt in find_checkpoints(run):
+    for ckpt in step_checkpoints(run):
         shutil.copytree(ckpt, steps / ckpt.name, ignore=shutil.ignore_patterns("trainer_state.pt"))
-    dest = profile_many([steps], tmp_path / "out", data=short_text, batches=1, batch_size=1, seq_len=8,
-                        activations=False)[0]
+    dest = profile_many([steps], tmp_path / "out", ProfileConfig.of(data=short_text, batches=1, batch_size=1,
+                                                                    seq_len=8, activations=False))[0]
     frame = load_run(dest)
     assert dest.name == "steps" and sorted(frame["step"].unique()) == [2, 4]
     assert set(frame["site"]) - {"importance", "model"} == {f"angular_n{n}" for n in range(1, 5)}
@@ -328,10 +335,10 @@ def test_folder_of_step_checkpoints_and_name_clashes(run, short_text, tmp_path) 
     with pytest.raises(ValueError, match="would both be profiled as run 'steps'"):
         checkpoint_groups([steps, other])
     with pytest.raises(ValueError, match="no CUDA device|unknown device"):
-        profile_many([steps], tmp_path / "o2", data=short_text, device="cuda:0" if not torch.cuda.is_available()
-                     else "nonsense")
+        profile_many([steps], tmp_path / "o2", ProfileConfig.of(
+            data=short_text, device="cuda:0" if not torch.cuda.is_available() else "nonsense"))
     with pytest.raises(ValueError, match="nothing to profile"):
-        profile_many([steps], tmp_path / "o2", importance=False, activations=False)
+        profile_many([steps], tmp_path / "o2", ProfileConfig.of(importance=False, activations=False))
     with pytest.raises(ValueError, match="invalid run id"):
         profile_many([steps], tmp_path / "o2", run_id="a/b")
     (tmp_path / "o2" / "steps").mkdir(parents=True)
@@ -356,8 +363,8 @@ def test_hf_checkpoint_with_its_tokenizer(tmp_path) -> None:
     tok.save(str(ckpt / "tokenizer.json"))
     (tmp_path / "eval.txt").write_text(text)
 
-    dest = profile_checkpoint(ckpt, tmp_path / "out", data=tmp_path / "eval.txt", batches=2, batch_size=2,
-                              seq_len=SEQ, device="cpu")
+    dest = profile_checkpoint(ckpt, tmp_path / "out", ProfileConfig.of(data=tmp_path / "eval.txt", batches=2,
+                                                                       batch_size=2, seq_len=SEQ, device="cpu"))
     frame = load_run(dest)
     assert dest.name == "hf-llama" and set(frame["step"]) == {0}  # the step is unknown
     assert json.loads((dest / PROFILE_FILE).read_text())["checkpoints"][0]["tokenizer"] == str(ckpt / "tokenizer.json")
@@ -377,7 +384,7 @@ def test_hf_checkpoint_with_its_tokenizer(tmp_path) -> None:
     transformers.LlamaForCausalLM(cfg).save_pretrained(big)
     tok.save(str(big / "tokenizer.json"))
     with pytest.raises(ValueError, match="does not match the model"):
-        profile_checkpoint(big, tmp_path / "out", data=tmp_path / "eval.txt")
+        profile_checkpoint(big, tmp_path / "out", ProfileConfig.of(data=tmp_path / "eval.txt"))
     assert not (tmp_path / "out" / "small-vocab").exists()
 
 
@@ -446,7 +453,7 @@ def test_cli_bad_input_is_one_line(run, short_text, tmp_path, kind, message) -> 
         np.save(data, np.arange(301))
         ckpt = run
     else:
-        ckpt = _bad(kind, find_checkpoints(run)[-1], tmp_path)
+        ckpt = _bad(kind, step_checkpoints(run)[-1], tmp_path)
     out = tmp_path / "out"
     res = runner.invoke(_app(), ["profile", str(ckpt), "--out", str(out), "--data", str(data),
                                  "--batches", "1", "--batch-size", "1", "--seq-len", "8"])

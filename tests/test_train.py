@@ -11,7 +11,7 @@ import torch
 
 from gpas_probe.config import ModelConfig, NormScheme, TrainConfig
 from gpas_probe.gpas import gate_parameters
-from gpas_probe.train import StepInfo, lr_factor, train
+from gpas_probe.training import StepInfo, lr_factor, train
 
 
 def _cfgs(model: dict[str, Any] | None = None, **train_kw: Any) -> tuple[ModelConfig, TrainConfig]:

@@ -1,14 +1,18 @@
-"""Analyses over recorded runs and models: run comparison, layer importance, the underuse diagnosis."""
+"""Analyses over recorded runs and models: run comparison (``summary``), layer importance (``streaming``,
+``importance``, ``long``), the underuse diagnosis (``diagnosis``)."""
 
-from gpas_probe.analysis.diagnose import Diagnosis, Thresholds, diagnose, diagnose_runs
+from gpas_probe.analysis.diagnosis import Diagnosis, Thresholds, diagnose, diagnose_runs
 from gpas_probe.analysis.importance import (
     angular_distances,
     block_influence,
     deletion_importance,
-    importance_over_training,
     layer_importance,
+    naive_deletion_importance,
 )
+from gpas_probe.analysis.long import importance_over_training, to_long
+from gpas_probe.analysis.streaming import ImportanceSums, stream
 from gpas_probe.analysis.summary import compare_runs
 
-__all__ = ["Diagnosis", "Thresholds", "angular_distances", "block_influence", "compare_runs", "deletion_importance",
-           "diagnose", "diagnose_runs", "importance_over_training", "layer_importance"]
+__all__ = ["Diagnosis", "ImportanceSums", "Thresholds", "angular_distances", "block_influence", "compare_runs",
+           "deletion_importance", "diagnose", "diagnose_runs", "importance_over_training", "layer_importance",
+           "naive_deletion_importance", "stream", "to_long"]

@@ -5,42 +5,25 @@ from __future__ import annotations
 import logging
 import math
 
-import numpy as np
 import pandas as pd
 
 from gpas_probe.store import check_table
+from gpas_probe.table import gate_values, last_step, layer_rows, mean_by, select
 
 logger = logging.getLogger(__name__)
 
-GATE_SITES = ("gpas", "gpas_attn", "gpas_mlp")
 SUMMARY_COLUMNS = ("final_val_loss", "final_loss", "steps", "top_bottom_var_ratio", "deep_ratio", "gate_min",
                    "gate_max")
 
 
-def _select(data: pd.DataFrame, **equal: object) -> pd.DataFrame:
-    """Rows where each column equals the value (or is in the list), filtering one column at a time."""
-    out = data
-    for column, want in equal.items():
-        col = out[column]
-        mask = col.isin(want) if isinstance(want, list) else col == want
-        out = out[np.asarray(mask, dtype=bool)]
-    return out
-
-
 def _last_step_rows(frame: pd.DataFrame) -> pd.DataFrame:
     """Per run, the rows of the last step present in ``frame``; duplicates of one key averaged."""
-    if frame.empty:
-        return frame.assign(run_id=frame["run_id"].astype(str))
-    frame = frame.assign(run_id=frame["run_id"].astype(str), site=frame["site"].astype(str))
-    last = frame.groupby("run_id")["step"].transform("max")
-    frame = frame[frame["step"].to_numpy() == last.to_numpy()]
-    return frame.groupby(["run_id", "step", "site", "layer"], sort=True)["value"].mean().reset_index()
+    return mean_by(last_step(frame), ["run_id", "step", "site", "layer"])
 
 
 def _last_value(frame: pd.DataFrame) -> pd.Series:
     """Per run, the mean value at that run's last step."""
-    rows = _last_step_rows(frame)
-    return rows.groupby("run_id")["value"].mean()
+    return _last_step_rows(frame).groupby("run_id")["value"].mean()
 
 
 def _top_bottom(rows: pd.DataFrame) -> float:
@@ -79,43 +62,26 @@ def compare_runs(data: pd.DataFrame) -> pd.DataFrame:
     runs = [str(r) for r in pd.unique(data["run_id"])]
     out = pd.DataFrame(index=pd.Index(runs, name="run_id"), columns=list(SUMMARY_COLUMNS), dtype=float)
 
-    out["final_loss"] = _last_value(_select(data, stat="loss", site="model"))
-    val = _last_value(_select(data, stat="val_loss", site="model"))
+    out["final_loss"] = _last_value(select(data, stat="loss", site="model"))
+    val = _last_value(select(data, stat="val_loss", site="model"))
     out["final_val_loss"] = val.reindex(out.index).fillna(out["final_loss"])
 
     steps = data.groupby("run_id", observed=True)["step"].max()
     steps.index = steps.index.astype(str)
     out["steps"] = steps.reindex(out.index).astype("int64")
 
-    var = _select(data, stat="var", site="resid_post", direction="fwd")
-    var_rows = _last_step_rows(var[var["layer"].to_numpy() >= 0])
+    var = select(data, stat="var", site="resid_post", direction="fwd")
+    var_rows = _last_step_rows(layer_rows(var))
     if not var_rows.empty:
         out["top_bottom_var_ratio"] = var_rows.groupby("run_id")[["layer", "value"]].apply(_top_bottom)
 
-    ratio = _select(data, stat="shortcut_branch_ratio", direction="fwd", site=["attn", "mlp"])
-    ratio_rows = _last_step_rows(ratio[ratio["layer"].to_numpy() >= 0])
+    ratio = select(data, stat="shortcut_branch_ratio", direction="fwd", site=["attn", "mlp"])
+    ratio_rows = _last_step_rows(layer_rows(ratio))
     if not ratio_rows.empty:
         out["deep_ratio"] = ratio_rows.groupby("run_id")[["layer", "value"]].apply(_deep_mean)
 
-    gates = _gate_scales(data)
+    gates = last_step(gate_values(data, "scale"))
     if not gates.empty:
-        gate_rows = _last_step_rows(gates)
-        out["gate_min"] = gate_rows.groupby("run_id")["value"].min()
-        out["gate_max"] = gate_rows.groupby("run_id")["value"].max()
+        out["gate_min"] = gates.groupby("run_id")["value"].min()
+        out["gate_max"] = gates.groupby("run_id")["value"].max()
     return out
-
-
-def _gate_scales(data: pd.DataFrame) -> pd.DataFrame:
-    """Gate ``scale`` rows, with ``1 - SiLU(alpha)`` standing in for runs/sites that recorded only alpha."""
-    rows = _select(data, site=list(GATE_SITES), stat=["scale", "alpha"])
-    rows = rows[rows["layer"].to_numpy() >= 0].assign(run_id=lambda f: f["run_id"].astype(str),
-                                                       site=lambda f: f["site"].astype(str),
-                                                       stat=lambda f: f["stat"].astype(str))
-    scale = rows[rows["stat"] == "scale"]
-    have = pd.MultiIndex.from_frame(scale[["run_id", "site"]])
-    alpha = rows[(rows["stat"] == "alpha").to_numpy() & ~pd.MultiIndex.from_frame(rows[["run_id", "site"]]).isin(have)]
-    if not alpha.empty:
-        a = alpha["value"].to_numpy(dtype=float)
-        alpha = alpha.assign(value=1.0 - a / (1.0 + np.exp(-a)), stat="scale")
-        scale = pd.concat([scale, alpha], ignore_index=True)
-    return scale

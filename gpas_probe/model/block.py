@@ -21,11 +21,8 @@ from torch import nn
 
 from gpas_probe.config import Family, GateGranularity, ModelConfig, NormScheme, ScalingMode
 from gpas_probe.gpas import GPAS, NaiveScale
-from gpas_probe.model.layers import MLP, Attention, HookPoint, RMSNorm
-
-#: Names of the hook points of a block, in execution order (``attn_shortcut``/``mlp_shortcut`` are
-#: the residual terms of each sub-layer, used for the shortcut/branch ratio).
-SITES = ("resid_pre", "attn_shortcut", "attn_out", "resid_mid", "mlp_shortcut", "mlp_out", "resid_post")
+from gpas_probe.model.hooks import ProbedLayer
+from gpas_probe.model.layers import MLP, Attention, RMSNorm
 
 
 def _gates(config: ModelConfig) -> tuple[nn.Module, nn.Module]:
@@ -45,21 +42,6 @@ def _gates(config: ModelConfig) -> tuple[nn.Module, nn.Module]:
 
 def _scaled(x: torch.Tensor, s: float) -> torch.Tensor:
     return x if s == 1.0 else x * s
-
-
-class ProbedLayer(nn.Module):
-    """A decoder layer the probes can record: a ``layer`` index, one :class:`HookPoint` per name in
-    :data:`SITES` (``hook_resid_pre`` ...), its parameters, and its GPAS gates (:meth:`gates`).
-    :class:`Block` is one; adapters around other models' layers are others."""
-
-    def __init__(self, layer: int) -> None:
-        super().__init__()
-        self.layer = layer
-        for site in SITES:
-            setattr(self, f"hook_{site}", HookPoint())
-
-    def gates(self) -> list[GPAS]:
-        return []
 
 
 class Block(ProbedLayer):

@@ -1,4 +1,4 @@
-"""Building blocks of the decoder: RMSNorm, rotary embeddings, attention, SwiGLU MLP, hook points."""
+"""Building blocks of the decoder: RMSNorm, rotary embeddings, attention, SwiGLU MLP."""
 
 from __future__ import annotations
 
@@ -10,13 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpas_probe.config import ModelConfig
-
-
-class HookPoint(nn.Module):
-    """A named identity at an interesting site; probes attach forward and tensor hooks here."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x
 
 
 class RMSNorm(nn.Module):

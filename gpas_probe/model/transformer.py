@@ -32,7 +32,7 @@ class Transformer(nn.Module):
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(config)
-        init_weights(self)
+        init_weights(self, config, self.embed_tokens, self.lm_head)
 
     def hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The residual stream after the last layer, before the final norm: (B, T, hidden)."""

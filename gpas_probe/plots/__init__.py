@@ -21,7 +21,7 @@ before drawing, so matplotlib only ever sees a few hundred points per line. Noth
 matplotlib or seaborn state (no style, theme or rcParams changes); the caller closes the figures.
 """
 
-from gpas_probe.plots._frame import MissingDataError
+from gpas_probe.plots.common import MissingDataError
 from gpas_probe.plots.depth import grad_norm, shortcut_ratio, variance_growth, variance_heatmap
 from gpas_probe.plots.dynamics import gates, loss_curves
 from gpas_probe.plots.figures import FIGURES, compare_figure, make_figure, save_figure

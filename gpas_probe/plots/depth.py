@@ -13,20 +13,17 @@ import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.ticker import MaxNLocator
 
-from gpas_probe.plots._frame import (
+from gpas_probe.plots.common import (
     MissingDataError,
-    blocks,
     check_frame,
     log_y,
-    mean_by,
     pick_run,
     positive,
     quantity_label,
     run_colors,
-    run_list,
-    select,
     subsample_steps,
 )
+from gpas_probe.table import layer_rows, mean_by, run_list, select
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +60,7 @@ def variance_growth(data: pd.DataFrame, ax: Axes | None = None, *, run: str | No
     """
     check_frame(data)
     run = pick_run(data, run)
-    table = mean_by(blocks(select(data, stat=stat, site=site, direction=direction, run_id=run)), ["step", "layer"])
+    table = mean_by(layer_rows(select(data, stat=stat, site=site, direction=direction, run_id=run)), ["step", "layer"])
     what = quantity_label(site, direction, stat)
     if table.empty:
         raise MissingDataError(f"run {run!r} has no {stat!r} rows at site {site!r}, direction {direction!r}")
@@ -103,7 +100,7 @@ def variance_heatmap(data: pd.DataFrame, ax: Axes | None = None, *, run: str | N
     """
     check_frame(data)
     run = pick_run(data, run)
-    table = mean_by(blocks(select(data, stat=stat, site=site, direction=direction, run_id=run)), ["step", "layer"])
+    table = mean_by(layer_rows(select(data, stat=stat, site=site, direction=direction, run_id=run)), ["step", "layer"])
     if table.empty:
         raise MissingDataError(f"run {run!r} has no {stat!r} rows at site {site!r}, direction {direction!r}")
     grid = table.pivot(index="layer", columns="step", values="value")
@@ -146,7 +143,7 @@ def shortcut_ratio(data: pd.DataFrame, ax: Axes | None = None, *, runs: Iterable
     """
     check_frame(data)
     runs = run_list(data, runs)
-    table = mean_by(blocks(select(data, stat=stat, direction="fwd", site=list(sites), run_id=runs)),
+    table = mean_by(layer_rows(select(data, stat=stat, direction="fwd", site=list(sites), run_id=runs)),
                     ["run_id", "step", "site", "layer"])
     ax = plt.gca() if ax is None else ax
     colors = run_colors(runs)
@@ -200,7 +197,7 @@ def grad_norm(data: pd.DataFrame, ax: Axes | None = None, *, view: str = "params
     runs = run_list(data, runs)
     fixed_site, direction, stat = GRAD_VIEWS[view]
     site = fixed_site or site
-    table = mean_by(blocks(select(data, stat=stat, site=site, direction=direction, run_id=runs)),
+    table = mean_by(layer_rows(select(data, stat=stat, site=site, direction=direction, run_id=runs)),
                     ["run_id", "step", "layer"])
     ax = plt.gca() if ax is None else ax
     colors = run_colors(runs)

@@ -6,7 +6,6 @@ import logging
 from collections.abc import Iterable
 
 import matplotlib.pyplot as plt
-import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.axes import Axes
@@ -14,53 +13,23 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Colormap, Normalize
 from matplotlib.lines import Line2D
 
-from gpas_probe.plots._frame import (
-    GATE_SITES,
+from gpas_probe.plots.common import (
     STAT_NAMES,
     MissingDataError,
     annotate_missing,
-    blocks,
     check_frame,
+    layer_norm,
     log_y,
-    mean_by,
     pick_run,
     run_colors,
-    run_list,
-    select,
 )
+from gpas_probe.store import GATE_SITES
+from gpas_probe.table import gate_values, mean_by, run_list, select
 
 logger = logging.getLogger(__name__)
 
-GATE_STATS = ("alpha", "silu_alpha", "scale", "alpha_grad")
 GATE_STYLE = {"gpas": "-", "gpas_attn": "-", "gpas_mlp": "--"}
 NO_GATES = "no GPAS gates in this run"
-
-
-def gate_table(data: pd.DataFrame, stat: str = "scale") -> pd.DataFrame:
-    """Mean gate ``stat`` per (run_id, site, layer, step); ``scale`` is derived from ``alpha`` where absent.
-
-    ``scale = 1 - SiLU(alpha) = 1 - alpha * sigmoid(alpha)``.
-    """
-    if stat not in GATE_STATS:
-        raise ValueError(f"stat must be one of {list(GATE_STATS)}, got {stat!r}")
-    wanted = [stat, "alpha"] if stat == "scale" else [stat]
-    rows = blocks(select(data, site=list(GATE_SITES), stat=wanted))
-    table = mean_by(rows, ["run_id", "site", "layer", "step", "stat"])
-    direct = table[table["stat"] == stat]
-    if stat == "scale":
-        alpha = table[table["stat"] == "alpha"]
-        have = pd.MultiIndex.from_frame(direct[["run_id", "site"]])
-        alpha = alpha[~pd.MultiIndex.from_frame(alpha[["run_id", "site"]]).isin(have)].copy()
-        if not alpha.empty:
-            a = alpha["value"].to_numpy()
-            alpha["value"] = 1.0 - a / (1.0 + np.exp(-a))
-            direct = pd.concat([direct, alpha], ignore_index=True)
-    return direct.drop(columns="stat").sort_values(["run_id", "site", "layer", "step"], ignore_index=True)
-
-
-def _layer_norm(layers: np.ndarray) -> Normalize:
-    lo, hi = (float(layers.min()), float(layers.max())) if len(layers) else (0.0, 1.0)
-    return Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1)
 
 
 def _draw_gates(ax: Axes, table: pd.DataFrame, norm: Normalize, cmap: Colormap) -> None:
@@ -85,7 +54,7 @@ def gates(data: pd.DataFrame, ax: Axes | None = None, *, run: str | None = None,
     """
     check_frame(data)
     run = pick_run(data, run)
-    table = gate_table(select(data, run_id=run), stat)
+    table = gate_values(select(data, run_id=run), stat)
     ax = plt.gca() if ax is None else ax
     ax.set_title(run)
     ax.set_xlabel("training step")
@@ -94,7 +63,7 @@ def gates(data: pd.DataFrame, ax: Axes | None = None, *, run: str | None = None,
         annotate_missing(ax, NO_GATES)
         return ax
     cmap = sns.color_palette(palette, as_cmap=True)
-    norm = _layer_norm(table["layer"].to_numpy()) if norm is None else norm
+    norm = layer_norm(table["layer"].to_numpy()) if norm is None else norm
     _draw_gates(ax, table, norm, cmap)
     ax.grid(True, alpha=0.3)
     if colorbar:
@@ -150,4 +119,4 @@ def loss_curves(data: pd.DataFrame, ax: Axes | None = None, *, runs: Iterable[st
     return ax
 
 
-__all__ = ["NO_GATES", "MissingDataError", "gate_table", "gates", "loss_curves"]
+__all__ = ["NO_GATES", "MissingDataError", "gates", "loss_curves"]

@@ -15,19 +15,15 @@ from matplotlib.axes import Axes
 from matplotlib.cm import ScalarMappable
 from matplotlib.figure import Figure
 
-from gpas_probe.plots._frame import (
-    GATE_SITES,
+from gpas_probe.plots.common import (
     MissingDataError,
     annotate_missing,
-    blocks,
     check_frame,
-    mean_by,
+    layer_norm,
     quantity_label,
-    resolve_runs,
-    select,
 )
 from gpas_probe.plots.depth import grad_norm, shortcut_ratio, variance_growth, variance_heatmap
-from gpas_probe.plots.dynamics import _layer_norm, gate_table, gates, loss_curves
+from gpas_probe.plots.dynamics import gates, loss_curves
 from gpas_probe.plots.importance import (
     IMPORTANCE_SITE,
     PROFILE_HINT,
@@ -38,6 +34,8 @@ from gpas_probe.plots.importance import (
     importance_over_training,
     symlog_norm,
 )
+from gpas_probe.store import GATE_SITES
+from gpas_probe.table import gate_values, layer_rows, mean_by, resolve_runs, select
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +90,7 @@ def variance_figure(data: pd.DataFrame, runs: Iterable[str] | None = None, *, si
     """One ``variance_growth`` panel per run, shared log y axis."""
     check_frame(data)
     runs = resolve_runs(data, runs)
-    sub = _required(blocks(select(data, stat=stat, site=site, direction=direction)), runs,
+    sub = _required(layer_rows(select(data, stat=stat, site=site, direction=direction)), runs,
                     f"{stat!r} rows at site {site!r}, direction {direction!r}")
     steps = None if steps is None else list(steps)
     fig, axes = _panels(len(runs), sharey=True)
@@ -111,7 +109,7 @@ def heatmap_figure(data: pd.DataFrame, runs: Iterable[str] | None = None, *, sit
     """One ``variance_heatmap`` panel per run with one shared colour scale and colorbar."""
     check_frame(data)
     runs = resolve_runs(data, runs)
-    sub = _required(blocks(select(data, stat=stat, site=site, direction=direction)), runs,
+    sub = _required(layer_rows(select(data, stat=stat, site=site, direction=direction)), runs,
                     f"{stat!r} rows at site {site!r}, direction {direction!r}")
     values = mean_by(sub, ["run_id", "step", "layer"])["value"].to_numpy()
     logged = np.log10(values[values > 0]) if len(values) else np.array([])
@@ -132,7 +130,7 @@ def ratio_figure(data: pd.DataFrame, runs: Iterable[str] | None = None, *, step:
     """Shortcut/branch RMS ratio (left, log y) and cosine (right) by layer, runs as colours."""
     check_frame(data)
     runs = resolve_runs(data, runs)
-    sub = _required(blocks(select(data, site=["attn", "mlp"], direction="fwd")), runs,
+    sub = _required(layer_rows(select(data, site=["attn", "mlp"], direction="fwd")), runs,
                     "'shortcut_branch_ratio' rows at sites 'attn'/'mlp'")
     has_cos = bool((sub["stat"] == "shortcut_branch_cos").any())
     fig, axes = _panels(2 if has_cos else 1, width=6.0, height=4.4)
@@ -155,7 +153,7 @@ def grad_figure(data: pd.DataFrame, runs: Iterable[str] | None = None, *, site: 
     """
     check_frame(data)
     runs = resolve_runs(data, runs)
-    sub = _required(blocks(select(data, stat=["rms", "grad_norm"], site=[site, "params"])), runs,
+    sub = _required(layer_rows(select(data, stat=["rms", "grad_norm"], site=[site, "params"])), runs,
                     f"'rms' rows at site {site!r} nor 'grad_norm' rows at site 'params'")
     fig, axes = _panels(3, width=4.8, height=4.2)
     views = ["fwd", "bwd", "params"]
@@ -183,8 +181,8 @@ def gates_figure(data: pd.DataFrame, runs: Iterable[str] | None = None, *, stat:
     check_frame(data)
     runs = resolve_runs(data, runs)
     sub = select(data, site=list(GATE_SITES), run_id=runs)
-    table = gate_table(sub, stat)
-    norm = _layer_norm(table["layer"].to_numpy())
+    table = gate_values(sub, stat)
+    norm = layer_norm(table["layer"].to_numpy())
     fig, axes = _panels(len(runs), sharey=True)
     gated = set(table["run_id"])
     for ax, run in zip(axes, runs, strict=True):
@@ -228,7 +226,7 @@ def importance_figure(data: pd.DataFrame, runs: Iterable[str] | None = None, *,
     check_frame(data)
     runs = resolve_runs(data, runs)
     stats = list(stats)
-    sub = _profiled(blocks(select(data, site=IMPORTANCE_SITE, stat=stats, run_id=runs)), runs,
+    sub = _profiled(layer_rows(select(data, site=IMPORTANCE_SITE, stat=stats, run_id=runs)), runs,
                     f"layer-importance rows ({', '.join(stats)})")
     present = [s for s in stats if (sub["stat"] == s).any()]
     num_layers = int(sub["layer"].max()) + 1
@@ -254,7 +252,7 @@ def angular_figure(data: pd.DataFrame, runs: Iterable[str] | None = None, *, nor
     """One ``angular_heatmap`` triangle per run (Mix-LN style) with one shared colour scale and colorbar."""
     check_frame(data)
     runs = resolve_runs(data, runs)
-    sub = blocks(select(data, stat=["angular_distance", "angular_distance_norm"], run_id=runs))
+    sub = layer_rows(select(data, stat=["angular_distance", "angular_distance_norm"], run_id=runs))
     sub = _profiled(sub[np.asarray(sub["site"].astype(str).str.startswith("angular_n"), dtype=bool)], runs,
                     "angular-distance rows")
     vmin, vmax = (0.0, 1.0) if normalized else (float(sub["value"].min()), float(sub["value"].max()))
@@ -276,7 +274,7 @@ def importance_steps_figure(data: pd.DataFrame, runs: Iterable[str] | None = Non
     (symmetric-log unless ``log=False``)."""
     check_frame(data)
     runs = resolve_runs(data, runs)
-    sub = _profiled(blocks(select(data, stat=stat, site=IMPORTANCE_SITE, run_id=runs)), runs,
+    sub = _profiled(layer_rows(select(data, stat=stat, site=IMPORTANCE_SITE, run_id=runs)), runs,
                     f"{stat!r} layer-importance rows")
     values = mean_by(sub, ["run_id", "step", "layer"])["value"].to_numpy()
     vmin, vmax = float(np.nanmin(values)), float(np.nanmax(values))

@@ -20,16 +20,13 @@ from matplotlib.axes import Axes
 from matplotlib.colors import Normalize, SymLogNorm
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-from gpas_probe.plots._frame import (
+from gpas_probe.plots.common import (
     MissingDataError,
-    blocks,
     check_frame,
-    mean_by,
     pick_run,
     run_colors,
-    run_list,
-    select,
 )
+from gpas_probe.table import layer_rows, mean_by, run_list, select
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +73,7 @@ def importance_bars(data: pd.DataFrame, ax: Axes | None = None, *, stat: str = "
     _check_stat(stat)
     check_frame(data)
     runs = run_list(data, runs)
-    table = mean_by(blocks(select(data, stat=stat, site=IMPORTANCE_SITE, run_id=runs)), ["run_id", "step", "layer"])
+    table = mean_by(layer_rows(select(data, stat=stat, site=IMPORTANCE_SITE, run_id=runs)), ["run_id", "step", "layer"])
     ax = plt.gca() if ax is None else ax
     colors = run_colors(runs)
     drawn: dict[str, pd.DataFrame] = {}
@@ -117,7 +114,7 @@ def angular_table(data: pd.DataFrame, run: str, *, normalized: bool = True, step
     ``normalized`` uses ``angular_distance_norm`` when recorded, else min-max scales each row of the raw
     distances across ``l`` (a constant row becomes 0), as ``normalize_rows`` does in the analysis.
     """
-    rows = blocks(select(data, run_id=run, stat=["angular_distance", "angular_distance_norm"]))
+    rows = layer_rows(select(data, run_id=run, stat=["angular_distance", "angular_distance_norm"]))
     rows = rows[np.asarray(rows["site"].astype(str).str.startswith(ANGULAR_PREFIX), dtype=bool)]
     table = mean_by(rows, ["step", "site", "stat", "layer"])
     table, chosen = _at_step(table, step)
@@ -180,7 +177,7 @@ def angular_heatmap(data: pd.DataFrame, ax: Axes | None = None, *, run: str | No
 def importance_steps_table(data: pd.DataFrame, run: str, stat: str = "deletion_delta") -> pd.DataFrame:
     """``stat`` of one run with layers as rows and profiled steps as columns."""
     _check_stat(stat)
-    table = mean_by(blocks(select(data, stat=stat, site=IMPORTANCE_SITE, run_id=run)), ["step", "layer"])
+    table = mean_by(layer_rows(select(data, stat=stat, site=IMPORTANCE_SITE, run_id=run)), ["step", "layer"])
     if table.empty:
         raise missing_importance(run, f"{stat!r} layer-importance rows")
     return table.pivot(index="layer", columns="step", values="value")

@@ -2,7 +2,7 @@
 
 Two ways to drive it:
 
-- the training loop's observer protocol (:func:`gpas_probe.train.train` calls these):
+- the training loop's observer protocol (:func:`gpas_probe.train` calls these):
   ``begin_step(step)`` before the forward of update ``step``, ``after_backward(step)``,
   ``end_step(info)`` after ``optimizer.step()``;
 - a user's own loop, told about a step only after it happened::
@@ -15,10 +15,11 @@ Two ways to drive it:
 
   ``step(s)`` finishes step ``s`` and arms the hooks for step ``s + 1`` when the schedule records it.
 
-In a distributed run (``all_reduce`` given; :func:`gpas_probe.train.train` passes it under
-``--dist``), every rank records its own tokens, the statistics of all ranks are reduced before
-they are copied to the host, parameter gradients are read in ``after_backward`` (once DDP/FSDP have
-reduced them, before clipping), and only the rank with ``write=True`` stores rows.
+What the caller promises, and the process it runs in, is its :class:`~gpas_probe.probes.driver.Driver`.
+In a distributed run (:meth:`Driver.for_training` under ``--dist``), every rank records its own tokens,
+the statistics of all ranks are reduced before they are copied to the host, parameter gradients are
+read in ``after_backward`` (once DDP/FSDP have reduced them, before clipping), and only the first rank
+stores rows.
 
 An armed step owns every hook it registers and removes them when it ends; an unrecorded step runs
 with no hook on the model. Forward passes with gradients disabled (evaluation) are not recorded, and
@@ -36,19 +37,19 @@ import pandas as pd
 import torch
 from torch import nn
 
-from gpas_probe.hf import instrument_if_hf
-from gpas_probe.model.block import ProbedLayer
+from gpas_probe.model.adapter import instrument_if_hf
+from gpas_probe.model.hooks import ProbedLayer, probed_layers
+from gpas_probe.probes.accumulator import Key
+from gpas_probe.probes.activations import ActivationStats
 from gpas_probe.probes.config import ProbeConfig
-from gpas_probe.probes.recording import AllReduce, Key, Recording
+from gpas_probe.probes.driver import Driver
+from gpas_probe.probes.family import StatFamily
+from gpas_probe.probes.gates import GateStats
+from gpas_probe.probes.model_level import ModelStats
+from gpas_probe.probes.params import ParamStats
+from gpas_probe.probes.ratios import ShortcutBranchStats
+from gpas_probe.probes.recording import Recording
 from gpas_probe.probes.schedules import Every, Schedule, make_schedule
-from gpas_probe.probes.stats import (
-    ActivationStats,
-    GateStats,
-    ModelStats,
-    ParamStats,
-    ShortcutBranchStats,
-    StatFamily,
-)
 from gpas_probe.store import PROBES_DIR, MemoryWriter, ProbeWriter, empty_frame
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ log = logging.getLogger(__name__)
 
 def find_blocks(model: nn.Module) -> list[ProbedLayer]:
     """The decoder layers of ``model`` (also inside wrappers such as DDP or torch.compile), by depth."""
-    blocks = sorted((m for m in model.modules() if isinstance(m, ProbedLayer)), key=lambda b: b.layer)
+    blocks = probed_layers(model)
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no decoder layers to probe (gpas_probe Block or ProbedLayer)")
     return blocks
@@ -93,25 +94,15 @@ class Probe:
     ``out`` is the run directory (rows go to ``out/probes/``); without it rows stay in memory and
     :meth:`frame` returns them. ``schedule`` (a callable ``step -> bool``) overrides the config's.
     ``meta`` (the caller's model/train configs) is stored with the rows. ``optimizer`` lets
-    :meth:`step` read the learning rate. ``model`` may be given later with :meth:`bind`.
-
-    Distributed runs: ``all_reduce(sums, maxima)`` reduces the statistics over ranks (see
-    :class:`gpas_probe.distributed.DistContext`), ``grad_scale`` scales the statistics of activation
-    gradients (``1 / world``: the global loss is the mean of the ranks' losses), and ``write=False`` computes
-    and reduces without storing rows (every rank but the first).
-
-    ``grads_at_backward_end``: the driver calls :meth:`after_backward` after every backward pass,
-    before clipping (:func:`gpas_probe.train.train` does); parameter gradients are then read there
-    with one fused norm instead of a hook per parameter. Distributed runs always read them there.
-    ``grad_norm_given``: the driver passes the global gradient norm to :meth:`end_step` (``train``
-    does), so the model family reads no gradient to compute it.
+    :meth:`step` read the learning rate. ``model`` may be given later with :meth:`bind`. ``driver``
+    (:class:`~gpas_probe.probes.driver.Driver`) declares who drives the probe; the default is a user's
+    own loop in one process.
     """
 
     def __init__(self, model: nn.Module | None = None, out: str | Path | None = None, *,
                  config: ProbeConfig | None = None, schedule: Schedule | None = None, run_id: str | None = None,
                  meta: dict[str, Any] | None = None, optimizer: torch.optim.Optimizer | None = None,
-                 all_reduce: AllReduce | None = None, grad_scale: float = 1.0, write: bool = True,
-                 grads_at_backward_end: bool = False, grad_norm_given: bool = False) -> None:
+                 driver: Driver | None = None) -> None:
         self.config = config or ProbeConfig()
         self.schedule = schedule or make_schedule(self.config)
         self.out = Path(out) if out is not None else None
@@ -121,11 +112,7 @@ class Probe:
         self._families: list[StatFamily] = []
         self._model_stats: ModelStats | None = None
         self._writer: ProbeWriter | MemoryWriter | NullWriter | None = None
-        self._all_reduce = all_reduce
-        self._grad_scale = grad_scale
-        self._write = write
-        self._grads_at_end = grads_at_backward_end or all_reduce is not None
-        self._grad_norm_given = grad_norm_given
+        self.driver = driver or Driver()
         self._activations: ActivationStats | None = None
         self._last: tuple[int, dict[Key, float]] | None = None  # the last recorded step's values
         self._rec: Recording | None = None
@@ -149,10 +136,10 @@ class Probe:
         self._families = [makers[name](blocks, cfg) for name in cfg.stats if name in makers]
         self._activations = next((f for f in self._families if isinstance(f, ActivationStats)), None)
         if "model" in cfg.stats:
-            self._model_stats = ModelStats(model, grad_norm_given=self._grad_norm_given)
+            self._model_stats = ModelStats(model)
             self._families.append(self._model_stats)
         self.model = model
-        if not self._write:
+        if not self.driver.write:
             self._writer = NullWriter()
         elif self.out is not None:
             meta = {"probe_config": cfg.to_dict(), **self._meta}
@@ -196,8 +183,7 @@ class Probe:
 
     def _arm(self, step: int) -> None:
         self._disarm()
-        rec = Recording(step, self.config.skip_first_position, self._exclude,
-                        grads_at_backward_end=self._grads_at_end, grad_scale=self._grad_scale)
+        rec = Recording(step, self.driver, self.config.skip_first_position, self._exclude)
         self._rec = rec
         try:
             for family in self._families:
@@ -243,7 +229,7 @@ class Probe:
         try:
             for family in self._families:
                 family.finish(rec, info)
-            values = rec.acc.collect(self._all_reduce)
+            values = rec.acc.collect(self.driver.all_reduce)
         finally:
             self._disarm()
         self._last = (step, values)
@@ -252,7 +238,7 @@ class Probe:
             family.rows(values, info, emit)
         self._writer.end_step()  # type: ignore[union-attr]
 
-    # -- observer protocol (gpas_probe.train.train) ---------------------------------------------
+    # -- observer protocol (gpas_probe.train) ---------------------------------------------------
     def begin_step(self, step: int) -> None:
         """Before the forward of update ``step``: arm the hooks if the schedule records it."""
         self._check_bound()
@@ -264,13 +250,14 @@ class Probe:
             self._disarm()
 
     def after_backward(self, step: int) -> None:
-        """After the backward pass, before clipping: parameter gradients are read here when
-        ``grads_at_backward_end`` (or in a distributed run); otherwise hooks have read them already."""
-        if self._rec is not None and self._grads_at_end:
+        """After the backward pass, before clipping: parameter gradients are read here when the driver
+        reads them at the backward's end; otherwise hooks have read them already."""
+        if self._rec is not None and self.driver.reads_grads_at_end:
             self._rec.capture_grads()
 
     def end_step(self, info: Any) -> None:
-        """After ``optimizer.step()``: ``info`` is a :class:`gpas_probe.train.StepInfo`."""
+        """After ``optimizer.step()``: ``info`` is a :class:`gpas_probe.training.StepInfo` (or any object
+        with its ``step``, ``loss``, ``val_loss``, ``lr``, ``grad_norm`` and ``tokens`` attributes)."""
         self._check_bound()
         values = {k: getattr(info, k, None) for k in ("loss", "val_loss", "lr", "grad_norm", "tokens")}
         self._complete(info.step, values)

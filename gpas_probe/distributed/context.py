@@ -1,47 +1,9 @@
-"""Data-parallel training under ``torchrun``: DDP or FSDP2 (``fully_shard``); gloo on CPU, NCCL on CUDA.
-
-Launch::
-
-    torchrun --nproc_per_node 2 -m gpas_probe.cli.main train --dist ddp ...     # or --dist fsdp
-
-Each of the ``W`` ranks trains on its own slice of one global batch of ``batch_size * W`` rows
-(:meth:`gpas_probe.data.Batches.train`), so a run on ``W`` processes computes what one process
-computes with ``batch_size * W`` rows (to float rounding): every rank's loss is the mean over the
-same number of tokens, and DDP and FSDP average the gradients, so the mean of the ranks' losses is
-the global mean.
-
-What is reduced, and how:
-
-- the reported loss and the validation loss: the mean over ranks (one all-reduce per step);
-- probe statistics: sums (SUM) and maxima (MAX) of every rank, flattened into one tensor each, are
-  all-reduced once per recorded step before the single copy to the host
-  (:meth:`DistContext.all_reduce_stats`); parameter statistics of FSDP's sharded parameters are
-  partial sums of the local shards and are summed the same way; replicated values (DDP gradients
-  after DDP's all-reduce, GPAS gates) are taken as they are;
-- activation gradients (the probes' ``bwd`` rows) are scaled by ``1 / W`` before their statistics
-  are taken: each rank's loss is its own mean and the global loss the mean of those;
-- parameter gradients are read after the backward pass, once DDP/FSDP have reduced them (not in
-  post-accumulate-grad hooks, which see a rank's own gradient), and before clipping; the global
-  gradient norm is the one ``clip_grad_norm_`` computes over the full (DTensor) gradients;
-- FSDP: the scalar GPAS gates cannot be sharded (``fully_shard`` refuses 0-d parameters), so they
-  are left out of sharding (``ignored_params``), kept replicated, and their gradients are averaged
-  over ranks here (:meth:`DistContext.average_replicated_grads`) before anything reads them.
-
-Errors: bad input is found on every rank at the same point (checks of rank 0 alone, such as the
-run folder's, are broadcast by :meth:`DistContext.on_main`; per-rank checks are agreed on by
-:meth:`DistContext.agree`), so every rank stops together with the same error, which rank 0 reports.
-
-Only rank 0 writes (parquet chunks, ``run.json``, checkpoints). Checkpoints are gathered into a full
-state dict (:func:`full_model_state`) and saved in the single-process format, so a checkpoint saved
-from FSDP loads in one process, and the optimizer state is stored in ``torch.optim``'s own
-(index-keyed) format whatever the mode, so a run may be resumed under any mode with the same number
-of processes.
-"""
+"""This process's place in a run (:class:`DistContext`): joining ``torchrun``'s process group, the few
+collectives training needs, and errors that every rank raises together (see :mod:`gpas_probe.distributed`)."""
 
 from __future__ import annotations
 
 import gc
-import inspect
 import logging
 import os
 import traceback
@@ -55,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from gpas_probe.devices import resolve_device
+
 log = logging.getLogger(__name__)
 
 DIST_MODES = ("none", "ddp", "fsdp")
@@ -62,22 +26,6 @@ DIST_MODES = ("none", "ddp", "fsdp")
 TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 T = TypeVar("T")
 E = TypeVar("E", bound=BaseException)
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` (CUDA when available, else CPU), ``cpu``, ``cuda`` or ``cuda:N``."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        d = torch.device(device)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if d.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {device!r}; use auto, cpu, cuda or cuda:N")
-    if d.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA device is available")
-    return d
-
 
 def torchrun_world_size() -> int | None:
     """The number of processes of the ``torchrun`` launch this process belongs to, or None."""
@@ -299,99 +247,15 @@ def distributed(mode: str | DistContext = "none", device: str = "auto") -> Itera
     ctx.close()
 
 
-# -- models -----------------------------------------------------------------------------------------
-def replicated_parameters(model: nn.Module) -> list[nn.Parameter]:
-    """Parameters FSDP leaves unsharded: the scalar GPAS gates."""
-    from gpas_probe.gpas import gate_parameters
-
-    return list(gate_parameters(model))
-
-
-def wrap_model(model: nn.Module, ctx: DistContext) -> nn.Module:
-    """The module to run forward/backward through: DDP around ``model``, or ``model`` itself sharded
-    in place with FSDP2 (one unit per decoder layer plus the root), or ``model`` unchanged."""
-    if ctx.mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
-        return DistributedDataParallel(model, device_ids=[ctx.device.index] if ctx.device.type == "cuda" else None)
-    if ctx.mode == "fsdp":
-        try:
-            from torch.distributed.fsdp import fully_shard
-        except ImportError:  # torch < 2.6
-            from torch.distributed._composable.fsdp import fully_shard
-        ignored = set(replicated_parameters(model))
-        if ignored and "ignored_params" not in inspect.signature(fully_shard).parameters:
-            raise ValueError(f"--dist fsdp with GPAS gates needs fully_shard(ignored_params=...), which torch "
-                             f"{torch.__version__} lacks; use --dist ddp or a newer torch")
-        kw = {"ignored_params": ignored} if ignored else {}
-        for block in getattr(model, "layers", []):
-            fully_shard(block, **kw)
-        fully_shard(model, **kw)
-        return model
-    return model
-
-
-def param_names(model: nn.Module) -> dict[int, str]:
-    """id(parameter) -> its first fully qualified name (a shared parameter has several)."""
-    return {id(p): name for name, p in model.named_parameters()}
-
-
-def full_model_state(model: nn.Module, ctx: DistContext) -> dict[str, torch.Tensor] | None:
-    """FSDP: the full (unsharded) state dict on CPU, on rank 0 (collective: every rank calls it).
-    Other modes: None (the parameters are whole already)."""
-    if ctx.mode != "fsdp":
-        return None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-
-
-def optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, ctx: DistContext) -> dict[str, Any]:
-    """The optimizer state in ``torch.optim``'s index-keyed format (FSDP: gathered, valid on rank 0;
-    collective)."""
-    if ctx.mode != "fsdp":
-        return optimizer.state_dict()
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
-    full = get_optimizer_state_dict(model, optimizer,
-                                    options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not ctx.is_main:
-        return {}
-    index: dict[str, int] = {}
-    groups = []
-    for group in full["param_groups"]:
-        ids = []
-        for name in group["params"]:
-            index.setdefault(name, len(index))
-            ids.append(index[name])
-        groups.append({**group, "params": ids})
-    return {"state": {index[name]: s for name, s in full["state"].items()}, "param_groups": groups}
-
-
-def load_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict[str, Any],
-                         ctx: DistContext) -> None:
-    """Load an index-keyed optimizer state (every rank holds the full one); FSDP shards it."""
-    if ctx.mode != "fsdp":
-        optimizer.load_state_dict(state)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-
-    names = param_names(model)
-    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
-    saved = [i for g in state["param_groups"] for i in g["params"]]
-    if len(saved) != len(order):
-        raise ValueError(f"the saved optimizer state covers {len(saved)} parameters, the model has {len(order)}")
-    name_of = dict(zip(saved, order, strict=True))
-    groups = [{**g, "params": [name_of[i] for i in g["params"]]} for g in state["param_groups"]]
-    fqn_state = {"state": {name_of[int(i)]: s for i, s in state["state"].items()}, "param_groups": groups}
-    set_optimizer_state_dict(model, optimizer, fqn_state, options=StateDictOptions(full_state_dict=True))
-
-
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float, ctx: DistContext) -> float:
-    """The global gradient norm before clipping (over full tensors under FSDP), clipping to ``max_norm``."""
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-    full = getattr(norm, "full_tensor", None)
-    return float(full() if callable(full) else norm)
+def check_launch(mode: str) -> None:
+    """Refuse a ``--dist`` mode that does not fit how this process was started: an unknown mode, or
+    ``none`` in one of several ``torchrun`` processes (each would train alone into the same folder)."""
+    if mode not in DIST_MODES:
+        raise ValueError(f"unknown --dist {mode!r}; choose one of {', '.join(DIST_MODES)}")
+    world = torchrun_world_size()
+    if mode == "none" and world is not None and world > 1:
+        raise ValueError(f"this is one of {world} torchrun processes: pass --dist ddp or --dist fsdp "
+                         "(with --dist none each would train alone into the same folder)")
 
 
 def key_checksum(keys: Iterable[Any]) -> float:

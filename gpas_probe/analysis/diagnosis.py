@@ -53,6 +53,7 @@ import numpy as np
 import pandas as pd
 
 from gpas_probe.store import check_table
+from gpas_probe.table import layer_rows, select
 
 log = logging.getLogger(__name__)
 
@@ -162,19 +163,10 @@ def _json_value(v: Any) -> Any:
 # ------------------------------------------------------------------------------------------ evidence
 
 
-def _rows(data: pd.DataFrame, sites: list[str], stat: str, direction: str | None) -> pd.DataFrame:
-    """Per-layer rows of ``stat`` at ``sites`` (one column filtered at a time, most selective first)."""
-    out = data[np.asarray(data["stat"] == stat, dtype=bool)]
-    out = out[np.asarray(out["site"].isin(sites), dtype=bool)]
-    if direction is not None:
-        out = out[np.asarray(out["direction"] == direction, dtype=bool)]
-    return out[out["layer"].to_numpy() >= 0]
-
-
 def _profile(data: pd.DataFrame, sites: list[str], stat: str, direction: str | None,
              step: int | None) -> tuple[pd.Series, int | None, str | None]:
     """Mean value per layer at ``step`` (default the last step with rows), the step, and why it is empty."""
-    rows = _rows(data, sites, stat, direction)
+    rows = layer_rows(select(data, stat=stat, site=sites, direction=direction))
     what = f"no {stat!r} rows at {'/'.join(sites)}"
     if rows.empty:
         return pd.Series(dtype=float), None, what

@@ -1,24 +1,19 @@
-"""Selection and aggregation helpers shared by the plot functions.
-
-Every plot reduces the long table to a few hundred points *before* drawing: rows are filtered one
-column at a time (each filter scans only what the previous one kept) and duplicates are averaged
-with a groupby. String columns may be plain strings or pandas categoricals.
-"""
+"""What the plot functions share: the missing-data error, labels, colours, log axes, the choice of
+steps and runs to draw. Selecting and averaging rows is :mod:`gpas_probe.table`'s."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Any
 
 import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.axes import Axes
+from matplotlib.colors import Normalize
 from matplotlib.ticker import LogFormatter
 
 from gpas_probe.store import check_table
-
-GATE_SITES = ("gpas", "gpas_attn", "gpas_mlp")
+from gpas_probe.table import run_ids
 
 STAT_NAMES = {"var": "variance", "rms": "RMS", "absmax": "max |x|", "grad_norm": "gradient norm",
               "weight_norm": "weight norm", "update_ratio": "update/weight ratio",
@@ -36,64 +31,16 @@ def check_frame(data: pd.DataFrame) -> None:
     check_table(data, MissingDataError)
 
 
-def select(data: pd.DataFrame, **equal: Any) -> pd.DataFrame:
-    """Rows where each named column equals the value (or is in the list/tuple/set); ``None`` skips a column.
-
-    Filters apply in keyword order, each on the rows the previous one kept: put the most selective first.
-    """
-    out = data
-    for column, want in equal.items():
-        if want is None:
-            continue
-        col = out[column]
-        if isinstance(want, (list, tuple, set, frozenset)):
-            mask = col.isin(list(want))
-        else:
-            mask = col == want
-        out = out[np.asarray(mask, dtype=bool)]
-    return out
 
 
-def blocks(data: pd.DataFrame) -> pd.DataFrame:
-    """Only per-layer rows (``layer >= 0``)."""
-    return data[data["layer"].to_numpy() >= 0]
 
 
-def mean_by(data: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
-    """Mean ``value`` per key combination (duplicates averaged), sorted, with string keys as ``str``."""
-    if data.empty:
-        return pd.DataFrame({**{k: pd.Series(dtype=object) for k in keys}, "value": pd.Series(dtype=float)})
-    out = data.groupby(list(keys), observed=True, sort=True)["value"].mean().reset_index()
-    for k in keys:
-        if k in ("run_id", "site", "direction", "stat"):
-            out[k] = out[k].astype(str)
-    return out
 
 
-def run_ids(data: pd.DataFrame) -> list[str]:
-    """Run ids in order of first appearance."""
-    return [str(r) for r in pd.unique(data["run_id"])]
 
 
-def resolve_runs(data: pd.DataFrame, runs: Iterable[str] | None) -> list[str]:
-    """``runs`` as a list (checked against the table), or every run in the table."""
-    present = run_ids(data)
-    if runs is None:
-        return present
-    runs = [str(r) for r in ([runs] if isinstance(runs, str) else runs)]
-    unknown = [r for r in runs if r not in present]
-    if unknown:
-        raise ValueError(f"runs {unknown} are not in the data; runs present: {present}")
-    if not runs:
-        raise ValueError("runs is empty")
-    return runs
 
 
-def run_list(data: pd.DataFrame, runs: Iterable[str] | None) -> list[str]:
-    """``runs`` as a list of strings (not checked: a run absent from ``data`` simply has no rows), or every run."""
-    if runs is None:
-        return run_ids(data)
-    return [str(r) for r in ([runs] if isinstance(runs, str) else runs)]
 
 
 def pick_run(data: pd.DataFrame, run: str | None) -> str:
@@ -160,3 +107,9 @@ def log_y(ax: Axes) -> None:
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(PlainLogFormatter())
     ax.yaxis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+
+
+def layer_norm(layers: np.ndarray) -> Normalize:
+    """A colour scale over the layer indices present (one layer: a unit range, never empty)."""
+    lo, hi = (float(layers.min()), float(layers.max())) if len(layers) else (0.0, 1.0)
+    return Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1)

@@ -2,8 +2,9 @@
 GPAS-gate gradient clipping, periodic validation, atomic checkpoints and exact resume, in one
 process or data-parallel under ``torchrun`` (DDP or FSDP2, see :mod:`gpas_probe.distributed`).
 
-A run directory holds ``run.json`` (configs, versions) and ``checkpoints/step_NNNNNN/`` (HF-layout
-weights plus ``trainer_state.pt``). Observers (the probes) are called at fixed points of each step.
+A run folder (:mod:`gpas_probe.runs`) holds ``run.json`` (configs, versions) and
+``checkpoints/step_NNNNNN/`` (HF-layout weights plus ``trainer_state.pt``). Observers (the probes) are
+called at fixed points of each step.
 
 Crash safety: ``run.json``, probe chunks and checkpoints are each written under a temporary name
 and renamed into place, and the probe rows are flushed before each checkpoint, so a run killed at
@@ -15,10 +16,8 @@ run's rows replace them: every kept (step, layer, site, direction, stat) appears
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,14 +27,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from gpas_probe import __version__
-from gpas_probe.checkpoint import (
-    assign_weights,
-    find_checkpoints,
-    load_state,
-    remove_temporaries,
-    save_checkpoint,
-)
+from gpas_probe.checkpoints import save_checkpoint
 from gpas_probe.config import ModelConfig, TrainConfig
 from gpas_probe.data import Batches, Corpus, load_corpus
 from gpas_probe.distributed import (
@@ -48,19 +40,14 @@ from gpas_probe.distributed import (
     mark_shared,
     optimizer_state,
     replicated_parameters,
-    resolve_device,  # noqa: F401  (re-exported: gpas_probe.train.resolve_device)
     wrap_model,
 )
 from gpas_probe.gpas import clip_gate_grad_
 from gpas_probe.model import Transformer, build_model
-from gpas_probe.probes import Probe, ProbeConfig
-from gpas_probe.store import PROBES_DIR, truncate_after
+from gpas_probe.probes import Driver, Probe, ProbeConfig
+from gpas_probe.runs import TRAINER_STATE, checkpoint_path, prepare, restore_weights, run_meta, tidy_resumed
 
 log = logging.getLogger(__name__)
-
-RUN_META = "run.json"
-TRAINER_STATE = "trainer_state.pt"
-
 
 @dataclass
 class StepInfo:
@@ -113,7 +100,6 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
 
 
-
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
              device: torch.device) -> float:
@@ -130,67 +116,6 @@ def evaluate(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tenso
 
 def _autocast(device: torch.device) -> torch.autocast:
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-
-
-def _run_meta(model_config: ModelConfig, train_config: TrainConfig, extra: dict[str, Any]) -> dict[str, Any]:
-    return {"gpas_probe_version": __version__, "torch_version": torch.__version__,
-            "model_config": model_config.to_dict(), "train_config": train_config.to_dict(), **extra}
-
-
-def _read_run_meta(path: Path) -> dict[str, Any]:
-    try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{path}: unreadable run metadata ({e})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict) \
-            or not isinstance(meta.get("train_config"), dict):
-        raise ValueError(f"{path}: not a gpas-probe run (model_config/train_config missing)")
-    return meta
-
-
-def prepare_run_dir(out: Path, meta: dict[str, Any], resume: bool, overwrite: bool) -> None:
-    """Create ``out`` for a new run, or check that a resumed run's configuration matches.
-
-    A folder holding a run (``run.json``) is refused unless ``resume`` (same configuration; only
-    ``steps`` and ``device`` may change, and the number of processes may not) or ``overwrite``
-    (the folder is replaced). ``resume`` needs a run to continue. Nothing is written on refusal.
-    """
-    if resume and overwrite:
-        raise ValueError("--resume and --overwrite exclude each other: continue the run, or replace it")
-    if out.exists() and not out.is_dir():
-        raise NotADirectoryError(f"{out} is a file, not a run folder")
-    meta_path = out / RUN_META
-    if meta_path.exists():
-        if resume:
-            old = _read_run_meta(meta_path)
-            meta = json.loads(json.dumps(meta))  # compare as stored (tuples become lists)
-            if old.get("model_config") != meta["model_config"]:
-                diff = sorted(k for k in meta["model_config"] if old["model_config"].get(k) != meta["model_config"][k])
-                raise ValueError(f"{out}: --resume with a model configuration that differs from the run's: {diff}")
-            keep = {k: v for k, v in old["train_config"].items() if k not in ("steps", "device")}
-            new = {k: v for k, v in meta["train_config"].items() if k not in ("steps", "device")}
-            if keep != new:
-                diff = sorted(k for k in keep.keys() | new.keys() if keep.get(k) != new.get(k))
-                raise ValueError(f"{out}: --resume with training settings that differ from the run's: {diff}")
-            was, now = old.get("world_size", 1), meta.get("world_size", 1)
-            if was != now:
-                raise ValueError(f"{out}: --resume on {now} process(es), but the run was trained on {was} "
-                                 "(the global batch would change)")
-            return
-        if not overwrite:
-            raise FileExistsError(f"{out} already holds a run; pass --overwrite to replace it or --resume")
-        shutil.rmtree(out)
-    elif resume:
-        raise FileNotFoundError(f"{out}: no run to resume (no {RUN_META}); leave out --resume to start one")
-    elif any((out / d).exists() for d in ("checkpoints", PROBES_DIR)):  # left by a set-up that never finished
-        if not overwrite:
-            raise FileExistsError(f"{out} holds checkpoints or probes but no {RUN_META}; pass --overwrite to "
-                                  "replace them")
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = meta_path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(meta, indent=2) + "\n")
-    tmp.replace(meta_path)
 
 
 def _check_inputs(model_config: ModelConfig, cfg: TrainConfig, corpus: Corpus) -> None:
@@ -241,14 +166,14 @@ def _train(ctx: DistContext, model_config: ModelConfig, cfg: TrainConfig, run_di
     batches, val_batches = ctx.agree(load_data)
     torch.manual_seed(cfg.seed)
     model = build_model(model_config).to(ctx.device)
-    run_meta = _run_meta(model_config, cfg, {**meta, "world_size": ctx.world})
+    meta = run_meta(model_config, cfg, {**meta, "world_size": ctx.world})
     ckpt: str | None = None
     if run_dir is not None:
-        ckpt = ctx.on_main(lambda: _prepare(run_dir, run_meta, resume, overwrite))
+        ckpt = ctx.on_main(lambda: prepare(run_dir, meta, resume, overwrite))
     trainer_state: dict[str, Any] | None = None
     start = 0
     if ckpt is not None:
-        trainer_state = ctx.agree(lambda: _restore_weights(model, Path(ckpt), ctx.device))
+        trainer_state = ctx.agree(lambda: restore_weights(model, Path(ckpt), ctx.device))
         start = int(trainer_state["step"])
         log.info("resumed %s at step %d", run_dir, start)
     fwd = wrap_model(model, ctx)
@@ -256,15 +181,13 @@ def _train(ctx: DistContext, model_config: ModelConfig, cfg: TrainConfig, run_di
     if trainer_state is not None:
         load_optimizer_state(model, optimizer, trainer_state["optimizer"], ctx)
     if resume and run_dir is not None:
-        ctx.on_main(lambda: _tidy_resumed(run_dir, start))
+        ctx.on_main(lambda: tidy_resumed(run_dir, start))
     if start >= cfg.steps:
         log.info("nothing to do: the run is already at step %d of %d", start, cfg.steps)
-    probe_meta = {k: v for k, v in run_meta.items() if not k.endswith("_version")}  # the store adds versions
+    probe_meta = {k: v for k, v in meta.items() if not k.endswith("_version")}  # the store adds versions
     session = None
     if probe is not None:
-        session = Probe(model, run_dir, config=probe, meta=probe_meta, write=ctx.is_main,
-                        all_reduce=ctx.all_reduce_stats if ctx.distributed else None, grad_scale=1 / ctx.world,
-                        grads_at_backward_end=True, grad_norm_given=True)
+        session = Probe(model, run_dir, config=probe, meta=probe_meta, driver=Driver.for_training(ctx))
     loop = _Loop(model, fwd, optimizer, cfg, batches, val_batches, ctx, run_dir,
                  [*observers, session] if session else list(observers), session, callback)
     try:
@@ -272,41 +195,6 @@ def _train(ctx: DistContext, model_config: ModelConfig, cfg: TrainConfig, run_di
     finally:
         if session is not None:
             session.close()
-
-
-def _prepare(run_dir: Path, meta: dict[str, Any], resume: bool, overwrite: bool) -> str | None:
-    """Rank 0: set up the run folder; on resume, check the probe chunks and find the checkpoint."""
-    prepare_run_dir(run_dir, meta, resume, overwrite)
-    if not resume:
-        return None
-    truncate_after(run_dir / PROBES_DIR, 0, check_only=True)  # a corrupted chunk stops the resume here
-    ckpts = find_checkpoints(run_dir)
-    return str(ckpts[-1]) if ckpts else None
-
-
-def _restore_weights(model: Transformer, ckpt: Path, device: torch.device) -> dict[str, Any]:
-    """Load a checkpoint's weights into ``model`` (whole, before any sharding); returns its trainer state."""
-    assign_weights(model, load_state(ckpt), str(ckpt))
-    path = ckpt / TRAINER_STATE
-    if not path.is_file():
-        raise FileNotFoundError(f"{ckpt}: missing {TRAINER_STATE}; this checkpoint cannot be resumed")
-    try:
-        state = torch.load(path, map_location=device, weights_only=True)
-    except Exception as e:
-        reason = (str(e).splitlines() or [type(e).__name__])[0].split(". ")[0]
-        raise ValueError(f"{path}: unreadable trainer state ({reason})") from None
-    if not isinstance(state, dict) or "step" not in state or "optimizer" not in state:
-        raise ValueError(f"{path}: not a gpas-probe trainer state")
-    return state
-
-
-def _tidy_resumed(run_dir: Path, step: int) -> None:
-    """Rank 0, once the checkpoint has loaded: clear interrupted writes and drop probe rows after ``step``."""
-    remove_temporaries(run_dir / "checkpoints")
-    (run_dir / RUN_META).with_suffix(".tmp").unlink(missing_ok=True)
-    dropped = truncate_after(run_dir / PROBES_DIR, step)
-    if dropped:
-        log.info("%s: probe rows after step %d dropped from %d chunk(s)", run_dir, step, len(dropped))
 
 
 @dataclass
@@ -404,6 +292,6 @@ class _Loop:
         ctx = self.ctx
         state = full_model_state(self.model, ctx)  # collectives under FSDP: every rank takes part
         trainer_state = {"step": step, "optimizer": optimizer_state(self.model, self.optimizer, ctx)}
-        path = self.run_dir / "checkpoints" / f"step_{step:06d}"  # type: ignore[operator]
+        path = checkpoint_path(self.run_dir, step)  # type: ignore[arg-type]
         ctx.on_main(lambda: save_checkpoint(self.model, path, step=step, extra_files={TRAINER_STATE: trainer_state},
                                             state=state))

@@ -1,0 +1,32 @@
+"""Checkpoints (DESIGN §5): our own, other codebases' (the GPAS paper code's, Hugging Face LLaMA,
+Mistral, Qwen2) loaded into our model, and any other causal LM loaded with transformers.
+
+- ``files``: reading ``config.json`` and weights (safetensors, sharded, ``pytorch_model.bin``);
+- ``layout``: the HF LLaMA key map of our weights and the ``config.json`` we write;
+- ``steps``: the one rule for step checkpoints (``step_N``, ``checkpoint-N``) and run folders;
+- ``native``: saving and loading ours; ``scheme`` + ``foreign``: others' into our model;
+- ``loader``: :func:`load` (a declared :class:`Loaded`: model, step, path) for any backend.
+"""
+
+from gpas_probe.checkpoints.files import CONFIG_NAME, WEIGHTS_NAME, read_config, read_weights
+from gpas_probe.checkpoints.foreign import ARCHITECTURES, architecture, config_from_hf, load_foreign
+from gpas_probe.checkpoints.layout import NORM_KEYS, assign_weights, hf_config, parameter_map
+from gpas_probe.checkpoints.loader import BACKENDS, Loaded, load, load_checkpoint, step_loaders
+from gpas_probe.checkpoints.native import is_native, save_checkpoint
+from gpas_probe.checkpoints.scheme import infer_scheme
+from gpas_probe.checkpoints.steps import (
+    CHECKPOINTS_DIR,
+    checkpoint_step,
+    resolve_checkpoint,
+    run_of,
+    step_checkpoints,
+    step_dir_name,
+    step_from_name,
+)
+
+__all__ = [
+    "ARCHITECTURES", "BACKENDS", "CHECKPOINTS_DIR", "CONFIG_NAME", "NORM_KEYS", "WEIGHTS_NAME", "Loaded",
+    "architecture", "assign_weights", "checkpoint_step", "config_from_hf", "hf_config", "infer_scheme", "is_native",
+    "load", "load_checkpoint", "load_foreign", "parameter_map", "read_config", "read_weights", "resolve_checkpoint",
+    "run_of", "save_checkpoint", "step_checkpoints", "step_dir_name", "step_from_name", "step_loaders",
+]

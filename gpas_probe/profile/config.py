@@ -1,0 +1,87 @@
+"""What a profile does, declared: which evaluation batches, how checkpoints load, what is measured."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpas_probe.checkpoints import BACKENDS
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """The evaluation batches (:mod:`gpas_probe.evaldata`): ``data`` (``"builtin"``, a text file, or
+    ``.npy``/``.bin`` tokens), ``tokenizer`` (a ``tokenizer.json`` for text; default: a checkpoint's own
+    when it has one, else bytes), and ``batches`` batches of ``batch_size`` windows of ``seq_len`` tokens."""
+
+    data: str | Path = "builtin"
+    tokenizer: Any = None
+    batches: int = 8
+    batch_size: int = 8
+    seq_len: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("batches", "batch_size", "seq_len"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def sizes(self) -> tuple[int, int, int]:
+        """``(batch_size, seq_len, batches)``, the arguments of :meth:`gpas_probe.evaldata.EvalData.batches`."""
+        return self.batch_size, self.seq_len, self.batches
+
+
+@dataclass(frozen=True)
+class LoadSpec:
+    """How checkpoints load (:func:`gpas_probe.checkpoints.load`): ``backend`` (``auto``, ``native``,
+    ``hf``), ``norm``/``post_layers`` where the weights cannot tell the scheme, ``dtype`` (default: as
+    stored) and ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``)."""
+
+    backend: str = "auto"
+    norm: str | None = None
+    post_layers: int | None = None
+    dtype: torch.dtype | str | None = None
+    device: str | torch.device = "auto"
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+
+
+@dataclass(frozen=True)
+class Measurements:
+    """What is measured: ``activations`` (forward/backward statistics of every probe family) and
+    ``importance`` (deletion, angular distance, block influence)."""
+
+    activations: bool = True
+    importance: bool = True
+
+    def __post_init__(self) -> None:
+        if not (self.activations or self.importance):
+            raise ValueError("nothing to profile: both activations and importance are off")
+
+
+@dataclass(frozen=True)
+class ProfileConfig:
+    """A profile's settings in three groups; :meth:`of` builds one from flat options."""
+
+    evaluation: EvalSpec = field(default_factory=EvalSpec)
+    loading: LoadSpec = field(default_factory=LoadSpec)
+    measure: Measurements = field(default_factory=Measurements)
+
+    @classmethod
+    def of(cls, **options: Any) -> ProfileConfig:
+        """From flat options, each a field of one group: ``ProfileConfig.of(data="notes.txt", seq_len=128,
+        dtype="bf16", importance=False)``."""
+        groups = {"evaluation": EvalSpec, "loading": LoadSpec, "measure": Measurements}
+        owner = {f.name: group for group, spec in groups.items() for f in fields(spec)}
+        unknown = sorted(set(options) - set(owner))
+        if unknown:
+            raise TypeError(f"unknown profile options {unknown}; choose from {sorted(owner)}")
+        parts: dict[str, dict[str, Any]] = {group: {} for group in groups}
+        for name, value in options.items():
+            parts[owner[name]][name] = value
+        return cls(**{group: spec(**parts[group]) for group, spec in groups.items()})

@@ -1,0 +1,160 @@
+"""Profiling checkpoints into run folders: load each, profile it, write the rows and a ``profile.json``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gpas_probe.atomic import publish_dir, temporary_dir
+from gpas_probe.checkpoints import CONFIG_NAME, load, read_config, resolve_checkpoint, step_checkpoints, step_from_name
+from gpas_probe.devices import resolve_device, resolve_dtype
+from gpas_probe.evaldata import TOKENIZER_FILE, EvalData, load_eval_data
+from gpas_probe.profile.config import EvalSpec, ProfileConfig
+from gpas_probe.profile.groups import PROFILE_FILE, check_destination, check_run_id, checkpoint_groups
+from gpas_probe.profile.measure import profile_model
+from gpas_probe.store import MODEL_LAYER, PROBES_DIR, ProbeWriter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ProfileProgress:
+    """Reported after every evaluation batch: ``completed`` of ``total`` batch passes of the whole call."""
+
+    run_id: str
+    checkpoint: Path
+    step: int
+    phase: str  # "activations" or "importance"
+    completed: int
+    total: int
+
+
+class _Data:
+    """Evaluation data per tokenizer, loaded once for all checkpoints that share it."""
+
+    def __init__(self, spec: EvalSpec) -> None:
+        self.source, self.tokenizer = spec.data, spec.tokenizer
+        self.text = str(self.source) == "builtin" or Path(self.source).suffix not in (".npy", ".bin")
+        self._cache: dict[Any, EvalData] = {}
+
+    def tokenizer_for(self, ckpt: Path) -> Any:
+        """The tokenizer given, else the checkpoint's own ``tokenizer.json`` for text data."""
+        if self.tokenizer is not None:
+            return self.tokenizer
+        own = ckpt / TOKENIZER_FILE
+        return own if self.text and own.is_file() else None
+
+    def get(self, ckpt: Path) -> EvalData:
+        tok = self.tokenizer_for(ckpt)
+        key = None if tok is None else "given" if tok is self.tokenizer else tok.read_bytes()
+        if key not in self._cache:
+            self._cache[key] = load_eval_data(self.source, tokenizer=tok)
+        return self._cache[key]
+
+
+def profile_many(paths: Sequence[str | Path], out: str | Path, config: ProfileConfig | None = None, *,
+                 run_id: str | None = None, latest: bool = False, overwrite: bool = False,
+                 callback: Callable[[ProfileProgress], None] | None = None) -> list[Path]:
+    """Profile checkpoints, run folders or folders of step checkpoints into ``out`` (:mod:`gpas_probe.profile`).
+
+    ``config`` (:class:`ProfileConfig`; ``ProfileConfig.of(**options)`` from flat options) chooses the
+    evaluation batches, how checkpoints load and what is measured; a checkpoint's own
+    ``tokenizer.json`` is used for text data when no tokenizer is given. Returns the run folders written."""
+    config = config or ProfileConfig()
+    groups = checkpoint_groups(paths, run_id=run_id, latest=latest)
+    out = Path(out)
+    for name in groups:
+        check_run_id(name)
+        check_destination(out / name, overwrite)
+    loading = config.loading
+    dtype, device = resolve_dtype(loading.dtype), resolve_device(loading.device)
+    source = _Data(config.evaluation)
+    first = next(iter(groups.values()))[0]
+    ev, measure = config.evaluation, config.measure
+    per_ckpt = source.get(first).num_batches(*ev.sizes) * (measure.activations + measure.importance)
+    counter = {"done": 0, "total": per_ckpt * sum(len(g) for g in groups.values())}
+    options = {"data": {**source.get(first).spec(), "batches": ev.batches, "batch_size": ev.batch_size,
+                        "seq_len": ev.seq_len},
+               "norm": loading.norm, "post_layers": loading.post_layers, "dtype": str(dtype) if dtype else None,
+               "device": str(device), "importance": measure.importance, "activations": measure.activations,
+               "backend": loading.backend,
+               "gradients": "of the token-mean loss over all target tokens of all batches"}
+    load_kw = dict(backend=loading.backend, norm=loading.norm, post_layers=loading.post_layers, dtype=dtype,
+                   device=device)
+    return [_profile_run(name, ckpts, out, source, config, options, counter, callback, load_kw)
+            for name, ckpts in groups.items()]
+
+
+def _profile_run(name: str, ckpts: list[Path], out: Path, source: _Data, config: ProfileConfig,
+                 options: dict[str, Any], counter: dict[str, int], callback: Callable[[ProfileProgress], None] | None,
+                 load_kw: dict[str, Any]) -> Path:
+    dest = out / name
+    tmp: Path | None = None  # made with the first rows
+    writer: ProbeWriter | None = None
+    record: list[dict[str, Any]] = []
+    try:
+        for ckpt in ckpts:
+            t0 = time.perf_counter()
+            loaded = load(ckpt, **load_kw)
+            model = loaded.model
+            step = loaded.step if loaded.step is not None else (step_from_name(ckpt) or 0)
+            if any(r["step"] == step for r in record):
+                raise ValueError(f"{ckpt}: step {step} was already profiled in run {name!r} "
+                                 f"(from {next(r['path'] for r in record if r['step'] == step)})")
+            data = source.get(ckpt)
+            data.check_vocab(model.config.vocab_size)
+            log.info("profiling %s (step %d) on %s", ckpt, step, data.name)
+
+            def on_batch(phase: str, ckpt: Path = ckpt, step: int = step) -> None:
+                counter["done"] += 1
+                if callback is not None:
+                    callback(ProfileProgress(name, ckpt, step, phase, counter["done"], counter["total"]))
+
+            frame = profile_model(model, data, config, step=step, run_id=name, on_batch=on_batch)
+            if writer is None:
+                tmp = temporary_dir(dest)
+                checkpoints = [{"path": str(c), "config": read_config(c)} for c in ckpts]
+                meta = {"kind": "profile", "profile": {**options, "checkpoints": checkpoints},
+                        "model_config": model.config.to_dict()}
+                writer = ProbeWriter(tmp / PROBES_DIR, name, meta)
+            for row in frame.itertuples(index=False):
+                writer.add(row.step, row.layer, row.site, row.direction, row.stat, row.value)
+            writer.end_step()
+            val = frame.loc[(frame["stat"] == "val_loss") & (frame["layer"] == MODEL_LAYER), "value"]
+            ev = config.evaluation
+            record.append({"path": str(ckpt), "step": step, "config": loaded.config, "tokenizer": data.tokenizer,
+                           "val_loss": float(val.iloc[0]) if len(val) else math.nan,
+                           "target_tokens": data.num_targets(*ev.sizes),
+                           "seconds": round(time.perf_counter() - t0, 3)})
+            del model, loaded
+        assert writer is not None and tmp is not None
+        writer.close()
+        summary = {"run_id": name, **options, "checkpoints": record}
+        (tmp / PROFILE_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        publish_dir(tmp, dest)
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("wrote profile %s (%d checkpoints)", dest, len(record))
+    return dest
+
+
+def profile_checkpoint(path: str | Path, out: str | Path, config: ProfileConfig | None = None,
+                       **kwargs: Any) -> Path:
+    """Profile one checkpoint (a run folder means its latest) into ``out/RUN_ID``; returns that folder.
+
+    Takes the arguments of :func:`profile_many`."""
+    p = Path(path)
+    if p.exists() and not (p / CONFIG_NAME).is_file():
+        found = step_checkpoints(p) if p.is_dir() else []
+        p = found[-1] if found else resolve_checkpoint(p)
+    return profile_many([p], out, config, **kwargs)[0]
+
