@@ -10,22 +10,15 @@ from typing import Annotated, Any
 
 import typer
 
+from gpas_probe.checkpoints import BACKENDS
 from gpas_probe.cli.common import console, friendly_errors, progress_bar, setup_logging
 from gpas_probe.profile import PROFILE_FILE, ProfileConfig, ProfileProgress, profile_many
 
 Opt = typer.Option
 
 
-class Backend(str, Enum):
-    auto = "auto"
-    native = "native"
-    hf = "hf"
-
-
-class DType(str, Enum):
-    fp32 = "fp32"
-    bf16 = "bf16"
-    fp16 = "fp16"
+Backend = Enum("Backend", {name: name for name in BACKENDS}, type=str)  # type: ignore[misc]
+DType = Enum("DType", {name: name for name in ("fp32", "bf16", "fp16")}, type=str)  # type: ignore[misc]
 
 
 @friendly_errors
@@ -52,7 +45,7 @@ def profile_cmd(
     no_activations: Annotated[bool, Opt("--no-activations", help="Skip forward/backward statistics.")] = False,
     overwrite: Annotated[bool, Opt("--overwrite", help="Replace earlier profiles of the same runs.")] = False,
     backend: Annotated[Backend, Opt(help="How checkpoints load: auto (natively when supported, else with "
-                                         "transformers, the hf extra), native, or hf.")] = Backend.auto,
+                                         "transformers, the hf extra), native, or hf.")] = Backend.auto,  # type: ignore[attr-defined]
     verbose: Annotated[bool, Opt("--verbose", "-v", help="Log progress details.")] = False,
 ) -> None:
     """Profile checkpoints: per-site statistics and layer importance, in the training parquet schema."""

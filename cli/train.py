@@ -70,12 +70,12 @@ def train_cmd(
     Data-parallel on N processes: torchrun --nproc_per_node N -m gpas_probe.cli.main train --dist ddp ...
     """
     setup_logging(verbose)
-    options = TrainOptions(
-        preset=preset, norm=norm, gpas=gpas, gate=gate, naive=naive, fixed_gate=fixed_gate, post_layers=post_layers,
-        steps=steps, lr=lr, warmup=warmup, batch_size=batch_size, seq_len=seq_len, seed=seed, data=data,
-        checkpoint_every=checkpoint_every, eval_every=eval_every, grad_clip=grad_clip, gate_clip=clip_gate_grad,
-        device=device, compile=compile or None, probe_every=probe_every, probe_schedule=probe_schedule,
-        probe_stats=probe_stats, out=out)
+    training = dict(steps=steps, lr=lr, warmup=warmup, batch_size=batch_size, seq_len=seq_len, seed=seed, data=data,
+                    checkpoint_every=checkpoint_every, eval_every=eval_every, grad_clip=grad_clip,
+                    gate_clip=clip_gate_grad, device=device, compile=compile or None)
+    options = TrainOptions(preset=preset, norm=norm, gpas=gpas, gate=gate, naive=naive, fixed_gate=fixed_gate,
+                           post_layers=post_layers, train=training, probe_every=probe_every,
+                           probe_schedule=probe_schedule, probe_stats=probe_stats, out=out)
     check_launch(dist)
     with distributed(dist, device) as ctx, reported_by_rank0(ctx):
         model, tc, probe, run_dir = options.build(ctx)

@@ -8,9 +8,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+def from_fields(cls: type[T], d: Mapping[str, Any]) -> T:
+    """``cls(**d)`` for a config dataclass, refusing keys that are none of its fields."""
+    unknown = set(d) - {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} fields: {sorted(unknown)}")
+    return cls(**d)
 
 
 class NormScheme(str, Enum):
@@ -131,11 +142,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown ModelConfig fields: {sorted(unknown)}")
-        return cls(**d)
+        return from_fields(cls, d)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> ModelConfig:
@@ -199,7 +206,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
-        return cls(**d)
+        return from_fields(cls, d)
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> TrainConfig:

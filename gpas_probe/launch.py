@@ -3,7 +3,7 @@ every bad value is one ``ValueError`` line (and, under ``torchrun``, the same er
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar
@@ -47,19 +47,7 @@ class TrainOptions:
     naive: bool = False
     fixed_gate: float | None = None
     post_layers: int | None = None
-    steps: int | None = None
-    lr: float | None = None
-    warmup: int | None = None
-    batch_size: int | None = None
-    seq_len: int | None = None
-    seed: int | None = None
-    data: str | None = None
-    checkpoint_every: int | None = None
-    eval_every: int | None = None
-    grad_clip: float | None = None
-    gate_clip: float | None = None
-    device: str | None = "auto"
-    compile: bool | None = None
+    train: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields; a None value means the preset's
     probe_every: int = 10
     probe_schedule: str = "every"
     probe_stats: str = ",".join(FAMILIES)
@@ -79,7 +67,10 @@ class TrainOptions:
 
     def train_config(self) -> TrainConfig:
         """The training settings: the preset's, with every option given."""
-        given = {f: getattr(self, f) for f in TRAIN_FIELDS if getattr(self, f) is not None}
+        unknown = sorted(set(self.train) - set(TRAIN_FIELDS))
+        if unknown:
+            raise ValueError(f"unknown training options {unknown}; choose from {', '.join(TRAIN_FIELDS)}")
+        given = {k: v for k, v in self.train.items() if v is not None}
         return TrainConfig(**{**get_preset(self.preset).train, **given})
 
     def probe_config(self) -> ProbeConfig | None:

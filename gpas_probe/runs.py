@@ -17,7 +17,8 @@ import torch
 
 from gpas_probe._version import __version__
 from gpas_probe.atomic import remove_temporaries, temporary_file, write_text_atomic
-from gpas_probe.checkpoints import CHECKPOINTS_DIR, assign_weights, read_weights, step_checkpoints, step_dir_name
+from gpas_probe.checkpoints import assign_weights, read_weights, step_checkpoints
+from gpas_probe.checkpoints.steps import CHECKPOINTS_DIR, step_dir_name
 from gpas_probe.config import ModelConfig, TrainConfig
 from gpas_probe.model import Transformer
 from gpas_probe.store import PROBES_DIR, truncate_after

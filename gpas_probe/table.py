@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gpas_probe.store import GATE_SITES
+from gpas_probe.store.schema import GATE_SITES
 
 #: The statistics recorded for each GPAS gate.
 GATE_STATS = ("alpha", "silu_alpha", "scale", "alpha_grad")

@@ -12,18 +12,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from gpas_probe.store import (
-    COLUMNS,
-    META_FILE,
-    META_KEY,
-    PROBES_DIR,
-    SCHEMA_VERSION,
-    ProbeWriter,
-    empty_frame,
-    load_run,
-    load_runs,
-    read_meta,
-)
+from gpas_probe.store import COLUMNS, PROBES_DIR, ProbeWriter, empty_frame, load_run, load_runs, read_meta
+from gpas_probe.store.schema import META_FILE, META_KEY, SCHEMA_VERSION
 
 DTYPES = {"step": "int64", "layer": "int16", "value": "float64"}
 STRING_COLUMNS = ("run_id", "site", "direction", "stat")

@@ -52,7 +52,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gpas_probe.store import check_table
+from gpas_probe.store.schema import check_table
 from gpas_probe.table import layer_rows, select
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,7 @@ from torch import nn
 
 from gpas_probe.analysis.importance import deletion_importance
 from gpas_probe.analysis.streaming import ANGULAR_COLUMNS, DELETION_COLUMNS, INFLUENCE_COLUMNS, Batch
-from gpas_probe.store import ANGULAR_PREFIX, IMPORTANCE_SITE, MODEL_LAYER, MODEL_SITE, as_table_frame
+from gpas_probe.store.schema import ANGULAR_PREFIX, IMPORTANCE_SITE, MODEL_LAYER, MODEL_SITE, as_table_frame
 
 log = logging.getLogger(__name__)
 

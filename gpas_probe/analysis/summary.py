@@ -7,7 +7,7 @@ import math
 
 import pandas as pd
 
-from gpas_probe.store import check_table
+from gpas_probe.store.schema import check_table
 from gpas_probe.table import gate_values, last_step, layer_rows, mean_by, select
 
 logger = logging.getLogger(__name__)

@@ -8,25 +8,14 @@ Mistral, Qwen2) loaded into our model, and any other causal LM loaded with trans
 - ``loader``: :func:`load` (a declared :class:`Loaded`: model, step, path) for any backend.
 """
 
-from gpas_probe.checkpoints.files import CONFIG_NAME, WEIGHTS_NAME, read_config, read_weights
-from gpas_probe.checkpoints.foreign import ARCHITECTURES, architecture, config_from_hf, load_foreign
-from gpas_probe.checkpoints.layout import NORM_KEYS, assign_weights, hf_config, parameter_map
+from gpas_probe.checkpoints.files import CONFIG_NAME, read_config, read_weights
+from gpas_probe.checkpoints.foreign import config_from_hf, load_foreign
+from gpas_probe.checkpoints.layout import assign_weights, hf_config, parameter_map
 from gpas_probe.checkpoints.loader import BACKENDS, Loaded, load, load_checkpoint, step_loaders
-from gpas_probe.checkpoints.native import is_native, save_checkpoint
+from gpas_probe.checkpoints.native import save_checkpoint
 from gpas_probe.checkpoints.scheme import infer_scheme
-from gpas_probe.checkpoints.steps import (
-    CHECKPOINTS_DIR,
-    checkpoint_step,
-    resolve_checkpoint,
-    run_of,
-    step_checkpoints,
-    step_dir_name,
-    step_from_name,
-)
+from gpas_probe.checkpoints.steps import checkpoint_step, resolve_checkpoint, run_of, step_checkpoints, step_from_name
 
-__all__ = [
-    "ARCHITECTURES", "BACKENDS", "CHECKPOINTS_DIR", "CONFIG_NAME", "NORM_KEYS", "WEIGHTS_NAME", "Loaded",
-    "architecture", "assign_weights", "checkpoint_step", "config_from_hf", "hf_config", "infer_scheme", "is_native",
-    "load", "load_checkpoint", "load_foreign", "parameter_map", "read_config", "read_weights", "resolve_checkpoint",
-    "run_of", "save_checkpoint", "step_checkpoints", "step_dir_name", "step_from_name", "step_loaders",
-]
+__all__ = ["BACKENDS", "CONFIG_NAME", "Loaded", "assign_weights", "checkpoint_step", "config_from_hf", "hf_config",
+           "infer_scheme", "load", "load_checkpoint", "load_foreign", "parameter_map", "read_config", "read_weights",
+           "resolve_checkpoint", "run_of", "save_checkpoint", "step_checkpoints", "step_from_name", "step_loaders"]

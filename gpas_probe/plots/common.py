@@ -12,7 +12,7 @@ from matplotlib.axes import Axes
 from matplotlib.colors import Normalize
 from matplotlib.ticker import LogFormatter
 
-from gpas_probe.store import check_table
+from gpas_probe.store.schema import check_table
 from gpas_probe.table import run_ids
 
 STAT_NAMES = {"var": "variance", "rms": "RMS", "absmax": "max |x|", "grad_norm": "gradient norm",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -125,6 +126,22 @@ def _last_steps(frame: pd.DataFrame, last: int) -> tuple[pd.DataFrame, list[int]
     return frame[frame["step"].isin(steps)], [int(s) for s in steps]
 
 
+def _start(ax: Axes | None, runs: list[str]) -> tuple[Axes, dict[str, Any], list[str], dict[str, list[int]]]:
+    """What a comparison view starts from: its Axes, the runs' colours, and empty lists of the runs
+    without data and of the steps drawn per run."""
+    return plt.gca() if ax is None else ax, run_colors(runs), [], {}
+
+
+def _by_run(table: pd.DataFrame, runs: list[str], missing: list[str]) -> Iterator[tuple[str, pd.DataFrame]]:
+    """Each run's rows of ``table``; runs without any are added to ``missing``."""
+    for run in runs:
+        rows = table[table["run_id"] == run]
+        if rows.empty:
+            missing.append(run)
+        else:
+            yield run, rows
+
+
 def _steps_text(steps_by_run: dict[str, list[int]]) -> str:
     spans = {(s[0], s[-1]) for s in steps_by_run.values()}
     if len(spans) == 1:
@@ -145,15 +162,10 @@ def shortcut_ratio(data: pd.DataFrame, ax: Axes | None = None, *, runs: Iterable
     runs = run_list(data, runs)
     table = mean_by(layer_rows(select(data, stat=stat, direction="fwd", site=list(sites), run_id=runs)),
                     ["run_id", "step", "site", "layer"])
-    ax = plt.gca() if ax is None else ax
-    colors = run_colors(runs)
-    missing: list[str] = []
-    steps_by_run: dict[str, list[int]] = {}
-    for run in runs:
-        rows = table[table["run_id"] == run]
-        if not rows.empty:
-            chosen = int(rows["step"].max()) if step is None else int(step)
-            rows = rows[rows["step"] == chosen]
+    ax, colors, missing, steps_by_run = _start(ax, runs)
+    for run, rows in _by_run(table, runs, missing):
+        chosen = int(rows["step"].max()) if step is None else int(step)
+        rows = rows[rows["step"] == chosen]
         if rows.empty:
             missing.append(run)
             continue
@@ -199,15 +211,8 @@ def grad_norm(data: pd.DataFrame, ax: Axes | None = None, *, view: str = "params
     site = fixed_site or site
     table = mean_by(layer_rows(select(data, stat=stat, site=site, direction=direction, run_id=runs)),
                     ["run_id", "step", "layer"])
-    ax = plt.gca() if ax is None else ax
-    colors = run_colors(runs)
-    missing: list[str] = []
-    steps_by_run: dict[str, list[int]] = {}
-    for run in runs:
-        rows = table[table["run_id"] == run]
-        if rows.empty:
-            missing.append(run)
-            continue
+    ax, colors, missing, steps_by_run = _start(ax, runs)
+    for run, rows in _by_run(table, runs, missing):
         rows, steps_by_run[run] = _last_steps(rows, last)
         profile = rows.groupby("layer", sort=True)["value"].mean()
         ax.plot(profile.index.to_numpy(), positive(profile.to_numpy()), color=colors[run], marker="o", markersize=3.5,

@@ -23,7 +23,7 @@ from gpas_probe.plots.common import (
     pick_run,
     run_colors,
 )
-from gpas_probe.store import GATE_SITES
+from gpas_probe.store.schema import GATE_SITES
 from gpas_probe.table import gate_values, mean_by, run_list, select
 
 logger = logging.getLogger(__name__)

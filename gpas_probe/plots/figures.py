@@ -34,7 +34,7 @@ from gpas_probe.plots.importance import (
     importance_over_training,
     symlog_norm,
 )
-from gpas_probe.store import GATE_SITES
+from gpas_probe.store.schema import GATE_SITES
 from gpas_probe.table import gate_values, layer_rows, mean_by, resolve_runs, select
 
 logger = logging.getLogger(__name__)

@@ -6,6 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from gpas_probe.config import from_fields
+
 #: Statistic families, in the order their rows are written.
 FAMILIES = ("activations", "ratios", "params", "gpas", "model")
 #: Residual-stream sites recorded by the ``activations`` family (DESIGN §6).
@@ -62,8 +64,4 @@ class ProbeConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ProbeConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise ValueError(f"unknown ProbeConfig fields: {sorted(unknown)}")
-        return cls(**d)
+        return from_fields(cls, d)

@@ -12,7 +12,7 @@ from torch import nn
 from gpas_probe.probes.accumulator import Key
 from gpas_probe.probes.family import Emit, StatFamily, nan_sqrt
 from gpas_probe.probes.recording import Recording
-from gpas_probe.store import MODEL_LAYER, MODEL_SITE
+from gpas_probe.store.schema import MODEL_LAYER, MODEL_SITE
 
 
 class ModelStats(StatFamily):

@@ -19,7 +19,7 @@ from gpas_probe.model import IGNORE_INDEX
 from gpas_probe.probes import FAMILIES, Probe, ProbeConfig
 from gpas_probe.profile.config import ProfileConfig
 from gpas_probe.profile.targets import Target, target_for
-from gpas_probe.store import as_table_frame
+from gpas_probe.store.schema import as_table_frame
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,8 @@ from gpas_probe.evaldata import TOKENIZER_FILE, EvalData, load_eval_data
 from gpas_probe.profile.config import EvalSpec, ProfileConfig
 from gpas_probe.profile.groups import PROFILE_FILE, check_destination, check_run_id, checkpoint_groups
 from gpas_probe.profile.measure import profile_model
-from gpas_probe.store import MODEL_LAYER, PROBES_DIR, ProbeWriter
+from gpas_probe.store import PROBES_DIR, ProbeWriter
+from gpas_probe.store.schema import MODEL_LAYER
 
 log = logging.getLogger(__name__)
 
