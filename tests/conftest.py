@@ -1,27 +1,17 @@
-"""Shared test set-up."""
+"""Shared test set-up: one thread, and every test closes its figures and leaves matplotlib's style alone.
+Shared helpers are modules beside this file (``helpers``, ``probe_reference``, ``hf_models``)."""
 
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import matplotlib
-import numpy as np
 import pytest
 import torch
 
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
-
-
-def write_corpus(directory: Path, seed: int, words: int) -> Path:
-    """A small deterministic text corpus (faster to load than the built-in one)."""
-    rng = np.random.default_rng(seed)
-    vocab = ["alpha", "beta", "gamma", "delta", "residual", "stream", "layer", "norm", "gate", "scale"]
-    path = directory / "corpus.txt"
-    path.write_text(" ".join(rng.choice(vocab, size=words)))
-    return path
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -148,3 +148,27 @@ def test_no_name_hides_a_module(package: str) -> None:
 def test_every_module_reads_in_one_sitting() -> None:
     long = {name: n for name, (path, _) in MODULES.items() if (n := len(path.read_text().splitlines())) > MAX_LINES}
     assert long == {}
+
+
+def _mapped_files(text: str) -> list[str]:
+    """The files the map's tree lists, as paths relative to the repository."""
+    block = text.split("```")[1]
+    folders: list[tuple[int, str]] = []
+    files = []
+    for line in block.splitlines()[1:]:
+        name = line.strip().split(" ")[0]
+        if not name or name.startswith("#"):
+            continue
+        indent = len(line) - len(line.lstrip())
+        folders = [(i, f) for i, f in folders if i < indent]
+        if name.endswith("/"):
+            folders.append((indent, name))
+        else:
+            files.append("".join(f for _, f in folders) + name)
+    return files
+
+
+def test_the_package_map_lists_every_module_once() -> None:
+    mapped = _mapped_files((ROOT.parent / "docs" / "package-map.md").read_text())
+    on_disk = sorted(str(p.relative_to(ROOT.parent)) for _, (p, _) in MODULES.items())
+    assert sorted(mapped) == on_disk

@@ -54,4 +54,4 @@ class ModelStats(StatFamily):
         for stat in self.STATS:
             v = info.get(stat)
             if v is not None:
-                emit(MODEL_LAYER, MODEL_SITE, "none", stat, float(v))
+                emit(MODEL_LAYER, MODEL_SITE, "none", stat, float(v.detach() if isinstance(v, torch.Tensor) else v))

@@ -242,11 +242,20 @@ def test_leftover_key_is_refused(saved: Path) -> None:
 
 
 def test_rotary_buffers_are_ignored(saved: Path) -> None:
+    # older checkpoints carry rotary inv_freq buffers: they load as if absent, and the frequencies are
+    # still the model's own (a wrong buffer, here all ones, must not replace them)
+    reference = load_checkpoint(saved)
     f = saved / "model.safetensors"
     state = load_file(f)
     state["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
     save_file(state, f)
-    load_checkpoint(saved)
+    loaded = load_checkpoint(saved)
+    assert torch.equal(loaded.rotary.inv_freq, reference.rotary.inv_freq)
+    assert not torch.equal(loaded.rotary.inv_freq, torch.ones_like(loaded.rotary.inv_freq))
+    for (name, a), b in zip(reference.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+    ids = torch.randint(0, SMALL["vocab_size"], (2, 8), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(loaded(ids).logits, reference(ids).logits)
 
 
 def test_save_over_existing_replaces_whole(tmp_path: Path) -> None:

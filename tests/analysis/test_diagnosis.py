@@ -14,64 +14,13 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-import typer
-from typer.testing import CliRunner
+from diagnosis_tables import L, healthy_table, table, underused_table
 
 from gpas_probe import ModelConfig, TrainConfig, build_model, train
 from gpas_probe.analysis import layer_importance, to_long
 from gpas_probe.analysis.diagnosis import SIGNALS, Diagnosis, Thresholds, diagnose, diagnose_runs, fit_growth
-from gpas_probe.cli.diagnose import diagnose_cmd
 from gpas_probe.probes import ProbeConfig
 from gpas_probe.store import ARROW_SCHEMA, load_run
-
-L = 8
-
-
-def _rows(run: str, step: int, layer, site: str, direction: str, stat: str, value) -> pd.DataFrame:
-    value = np.asarray(value, dtype=float)
-    layer = np.broadcast_to(np.asarray(layer), value.shape)
-    return pd.DataFrame({"run_id": run, "step": step, "layer": layer, "site": site, "direction": direction,
-                         "stat": stat, "value": value}).astype({"step": "int64", "layer": "int16"})
-
-
-def table(run: str = "r", step: int = 100, *, var=None, ratio=None, grad=None, deletion=None, angular=None,
-          influence=None, loss: float = 3.0) -> pd.DataFrame:
-    """A long table with the given per-layer evidence (None leaves a signal out) and a model loss row."""
-    layers = np.arange(L)
-    parts = [_rows(run, step, -1, "model", "none", "loss", [loss])]
-    if var is not None:
-        parts.append(_rows(run, step, layers, "resid_post", "fwd", "var", var))
-        parts.append(_rows(run, step, layers, "resid_post", "bwd", "var", np.full(L, 1e-6)))  # must be ignored
-    if ratio is not None:  # attn and mlp straddle the given mean
-        parts.append(_rows(run, step, layers, "attn", "fwd", "shortcut_branch_ratio", np.asarray(ratio) * 0.8))
-        parts.append(_rows(run, step, layers, "mlp", "fwd", "shortcut_branch_ratio", np.asarray(ratio) * 1.2))
-    if grad is not None:
-        parts.append(_rows(run, step, layers, "params", "none", "grad_norm", grad))
-    if deletion is not None:
-        parts.append(_rows(run, step, layers, "importance", "none", "deletion_delta", deletion))
-    if angular is not None:
-        parts.append(_rows(run, step, layers, "angular_n1", "none", "angular_distance", angular))
-        parts.append(_rows(run, step, layers[:-1], "angular_n2", "none", "angular_distance",
-                           np.full(L - 1, 0.001)))  # other block sizes must be ignored
-    if influence is not None:
-        parts.append(_rows(run, step, layers, "importance", "none", "block_influence", influence))
-    return pd.concat(parts, ignore_index=True)
-
-
-def underused_table(run: str = "sick", step: int = 100) -> pd.DataFrame:
-    """Pre-LN at its worst: exponential variance, drowned deep branches, deep layers near-identity and free."""
-    deep = np.arange(L) >= L // 2
-    return table(run, step, var=2.0 ** np.arange(L), ratio=2 + 4.0 * np.arange(L),
-                 grad=np.where(deep, 0.1, 1.0), deletion=np.where(deep, 0.001, 0.5),
-                 angular=np.where(deep, 0.01, 0.2), influence=np.where(deep, 1e-4, 0.05))
-
-
-def healthy_table(run: str = "fine", step: int = 100) -> pd.DataFrame:
-    rng = np.random.default_rng(0)
-    return table(run, step, var=1.0 + 0.05 * rng.random(L), ratio=np.full(L, 2.0), grad=1.0 + 0.1 * rng.random(L),
-                 deletion=0.3 + 0.05 * rng.random(L), angular=0.2 + 0.02 * rng.random(L),
-                 influence=np.full(L, 0.05))
-
 
 # ------------------------------------------------------------------------------------------- verdicts
 
@@ -312,65 +261,3 @@ def test_real_tables_are_read_as_recorded(profiled_run) -> None:
     np.testing.assert_allclose(d.layers["grad_rel"], grad["value"] / np.median(grad["value"].to_numpy()[:2]))
     train_only = diagnose(data[data["site"] != "importance"])
     assert "deletion" in train_only.summary["signals_missing"]
-
-
-# ---------------------------------------------------------------------------------------------- CLI
-
-runner = CliRunner()
-cli = typer.Typer()
-cli.command("diagnose")(diagnose_cmd)
-
-
-@cli.callback()
-def _root() -> None:
-    """Test app."""
-
-
-def _write(folder, frame: pd.DataFrame):
-    (folder / "probes").mkdir(parents=True)
-    pq.write_table(pa.Table.from_pandas(frame, schema=ARROW_SCHEMA, preserve_index=False),
-                   folder / "probes" / "part-000000.parquet")
-    return folder
-
-
-@pytest.fixture(scope="module")
-def folders(tmp_path_factory) -> tuple:
-    root = tmp_path_factory.mktemp("cli")
-    return _write(root / "sick", underused_table()), _write(root / "fine", healthy_table())
-
-
-def test_cli_table_and_verdict(folders) -> None:
-    sick, fine = folders
-    res = runner.invoke(cli, ["diagnose", str(sick), str(fine)])
-    assert res.exit_code == 0, res.output
-    assert "verdict: underuse" in res.stdout and "verdict: ok" in res.stdout
-    assert "shortcut/branch" in res.stdout and "deletion" in res.stdout and "angular" in res.stdout
-    assert "variance growth: ×2 per layer" in res.stdout
-
-
-def test_cli_json(folders) -> None:
-    sick, fine = folders
-    res = runner.invoke(cli, ["diagnose", str(sick), str(fine), "--json"])
-    assert res.exit_code == 0, res.output
-    out = json.loads(res.stdout)
-    assert out["verdict"] == "underuse" and [r["verdict"] for r in out["runs"]] == ["underuse", "ok"]
-    assert out["runs"][0] == json.loads(json.dumps(diagnose(underused_table()).to_dict()))
-
-
-def test_cli_strict_exit_codes_and_overrides(folders) -> None:
-    sick, fine = folders
-    assert runner.invoke(cli, ["diagnose", str(sick), "--strict"]).exit_code == 1
-    assert runner.invoke(cli, ["diagnose", str(fine), "--strict"]).exit_code == 0
-    assert runner.invoke(cli, ["diagnose", str(sick), "--strict", "--min-flags", "6"]).exit_code == 0
-    res = runner.invoke(cli, ["diagnose", str(fine), "--strict", "--json", "--min-deletion", "1"])
-    assert res.exit_code == 0 and json.loads(res.stdout)["verdict"] == "ok"  # one signal alone is not enough
-    res = runner.invoke(cli, ["diagnose", str(fine), "--strict", "--min-deletion", "1", "--min-angular", "1",
-                             "--min-flags", "2"])
-    assert res.exit_code == 1
-
-
-def test_cli_bad_input_is_one_line_exit_2(folders, tmp_path) -> None:
-    res = runner.invoke(cli, ["diagnose", str(tmp_path / "missing")])
-    assert res.exit_code == 2 and res.stderr.startswith("error:") and len(res.stderr.strip().splitlines()) == 1
-    res = runner.invoke(cli, ["diagnose", str(folders[0]), "--min-fraction", "2"])
-    assert res.exit_code == 2 and "min_fraction" in res.stderr and len(res.stderr.strip().splitlines()) == 1

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
+from helpers import assert_figure_file
 from typer.testing import CliRunner
 
 from gpas_probe.cli.main import app
 from gpas_probe.demo import DEMO_FIGURES
+from gpas_probe.store import load_runs
 
 runner = CliRunner()
 
@@ -35,7 +37,7 @@ def runs(tmp_path_factory):
 def test_plot_every_kind(runs, tmp_path, kind, suffix):
     target = tmp_path / f"{kind}.{suffix}"
     _ok(["plot", kind, *map(str, runs), "-o", str(target)])
-    assert target.stat().st_size > 1000
+    assert_figure_file(target, kind, load_runs(runs))
 
 
 def test_plot_rejects_unknown_suffix(runs, tmp_path):

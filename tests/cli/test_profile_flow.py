@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from helpers import assert_figure_file
 from typer.testing import CliRunner
 
 from gpas_probe.cli.main import app
@@ -55,7 +56,7 @@ def test_plot_importance_figures(profiled, tmp_path, kind):
     _, prof = profiled
     target = tmp_path / f"{kind}.png"
     _ok(["plot", kind, str(prof), "-o", str(target)])
-    assert target.stat().st_size > 1000
+    assert_figure_file(target, kind, load_run(prof))
 
 
 def test_plot_importance_on_a_training_run_says_profile_first(profiled, tmp_path):

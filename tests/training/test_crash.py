@@ -4,7 +4,6 @@ loss stops training with a message that names where the first non-finite value a
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import random
@@ -19,17 +18,17 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import write_corpus
+from helpers import write_corpus
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
+import gpas_probe.training as train_mod
 from gpas_probe import ModelConfig, TrainConfig, train
 from gpas_probe.checkpoints import load, step_checkpoints
 from gpas_probe.cli.main import app
 from gpas_probe.probes import ProbeConfig, load_run
 from gpas_probe.store import COLUMNS, KEY_COLUMNS, ProbeWriter, read_meta, truncate_after
 
-train_mod = importlib.import_module("gpas_probe.training")
 runner = CliRunner()
 
 

@@ -1,14 +1,11 @@
-"""Evaluation data and ``gpas-probe profile``, against brute-force references (DESIGN §6, §7)."""
+"""``gpas_probe.profile`` against brute-force references (DESIGN §6, §7): every statistic, padding excluded,
+streamed batches, run folders, Hugging Face checkpoints with their tokenizer."""
 
 from __future__ import annotations
 
-import inspect
-import itertools
 import json
 import math
-import random
 import shutil
-import sys
 import weakref
 
 import numpy as np
@@ -16,14 +13,12 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-import typer
+from profile_runs import BS, NB, SEQ, train_run, word_tokenizer, words_text, write_short_text
 from typer.testing import CliRunner
 
 from gpas_probe.analysis import layer_importance, naive_deletion_importance, to_long
 from gpas_probe.checkpoints import load_checkpoint, step_checkpoints
-from gpas_probe.cli.profile import profile_cmd
-from gpas_probe.config import ModelConfig, TrainConfig, get_preset
-from gpas_probe.evaldata import EvalData, eval_batches, load_eval_data
+from gpas_probe.evaldata import EvalData, load_eval_data
 from gpas_probe.probes import ACTIVATION_SITES
 from gpas_probe.profile import (
     PROFILE_FILE,
@@ -34,138 +29,18 @@ from gpas_probe.profile import (
     profile_model,
 )
 from gpas_probe.store import load_run, read_meta
-from gpas_probe.training import train
 
-WORDS = "the cat sat on a mat while dogs ran far away from home and birds sang loud songs".split()
-SEQ, BS, NB = 16, 2, 3  # evaluation windows of the brute-force tests
 runner = CliRunner()
-
-
-def _text(n_lines: int, seed: int = 0) -> str:
-    rng = random.Random(seed)
-    return "\n".join(" ".join(rng.choice(WORDS) for _ in range(10)) for _ in range(n_lines))
-
-
-def _app() -> typer.Typer:
-    app = typer.Typer(pretty_exceptions_enable=False, add_completion=False)
-
-    @app.callback()
-    def main() -> None:
-        """Test app."""
-
-    app.command("profile")(profile_cmd)
-    return app
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    """A tiny GPAS run trained by gpas_probe.train, with checkpoints at steps 2 and 4."""
-    root = tmp_path_factory.mktemp("train")
-    text = root / "train.txt"
-    text.write_text(_text(1500))
-    tc = TrainConfig(**{**get_preset("tiny").train, "steps": 4, "checkpoint_every": 2, "data": str(text),
-                        "device": "cpu"})
-    train(ModelConfig.from_preset("tiny", gpas=True), tc, root / "myrun")
-    return root / "myrun"
+    return train_run(tmp_path_factory.mktemp("train"))
 
 
 @pytest.fixture(scope="module")
 def short_text(tmp_path_factory):
-    """70 bytes: 4 full windows of 16 targets and a tail of 5, so the last of 3 batches is padded."""
-    p = tmp_path_factory.mktemp("data") / "short.txt"
-    p.write_bytes(_text(5).encode()[:70])
-    return p
-
-
-# --------------------------------------------------------------------------------- evaluation data
-
-
-def _windows(tokens: np.ndarray, seq: int, rows: list[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Hand-made reference: window i = tokens[i*seq : i*seq + seq + 1], cut short at the end."""
-    out = []
-    for i in rows:
-        w = tokens[i * seq:i * seq + seq + 1]
-        out.append((w[:-1], w[1:]))
-    return out
-
-
-def _same(got: list, exp: list) -> bool:
-    return len(got) == len(exp) and all(np.array_equal(a, c) and np.array_equal(b, d)
-                                        for (a, b), (c, d) in zip(got, exp, strict=True))
-
-
-def _unbatch(batches) -> list[tuple[np.ndarray, np.ndarray]]:
-    rows = []
-    for ids, labels, mask in batches:
-        assert ids.dtype == labels.dtype == torch.int64 and mask.dtype == torch.bool
-        assert torch.equal(mask, labels != -100)
-        assert (ids[~mask] == 0).all()
-        for i in range(len(ids)):
-            m = mask[i]
-            assert m[: int(m.sum())].all()  # real tokens first, padding on the right
-            rows.append((ids[i][m].numpy(), labels[i][m].numpy()))
-    return rows
-
-
-def test_windows_spread_pad_and_count(tmp_path) -> None:
-    tokens = (np.arange(1000) * 7 % 997).astype(np.int32)
-    np.save(tmp_path / "t.npy", tokens)
-    data = load_eval_data(tmp_path / "t.npy", vocab_size=997)
-    # plenty of data: 6 of the 62 full windows, evenly spread (i * 62 // 6)
-    got = _unbatch(data.batches(3, 16, 2))
-    exp = _windows(tokens, 16, [i * 62 // 6 for i in range(6)])
-    assert len(got) == 6 and _same(got, exp)
-    # too little: every full window, then the 7-target tail padded, in ceil(63 / 4) batches
-    batches = list(data.batches(4, 16, 100))
-    got = _unbatch(batches)
-    exp = _windows(tokens, 16, list(range(63)))
-    assert len(got) == 63 and len(exp[-1][1]) == 999 - 62 * 16 == 7
-    assert _same(got, exp)
-    assert len(batches) == data.num_batches(4, 16, 100) == 16 and batches[-1][0].shape == (3, 16)
-    assert data.num_targets(4, 16, 100) == 999 == sum(int(b[2].sum()) for b in batches)
-    assert data.num_targets(3, 16, 2) == 6 * 16
-
-
-def test_eval_batches_is_lazy() -> None:
-    gen = eval_batches("builtin", vocab_size=256, batch_size=2, seq_len=8, batches=10**9)
-    assert inspect.isgenerator(gen)
-    first = list(itertools.islice(gen, 3))  # a billion batches asked for, three built
-    assert [b[0].shape for b in first] == [(2, 8)] * 3
-
-
-def _word_tokenizer(text: str):
-    tokenizers = pytest.importorskip("tokenizers")
-    tok = tokenizers.Tokenizer(tokenizers.models.WordLevel(unk_token="[UNK]"))
-    tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
-    tok.train_from_iterator([text], tokenizers.trainers.WordLevelTrainer(special_tokens=["[UNK]"]))
-    return tok
-
-
-def test_bad_data_is_refused(tmp_path, monkeypatch) -> None:
-    np.save(tmp_path / "big.npy", np.array([1, 5, 300, 2]))
-    with pytest.raises(ValueError, match="token id 300 is beyond the model's vocabulary of 256"):
-        eval_batches(tmp_path / "big.npy", vocab_size=256, batch_size=1, seq_len=2, batches=1)
-    (tmp_path / "t.txt").write_text(_text(3))
-    with pytest.raises(ValueError, match="byte-level data needs a vocabulary of at least 256"):
-        load_eval_data(tmp_path / "t.txt", vocab_size=100)
-    tok = _word_tokenizer(_text(3))
-    tok.save(str(tmp_path / "tokenizer.json"))
-    n = tok.get_vocab_size()
-    with pytest.raises(ValueError, match="does not match the model"):
-        load_eval_data(tmp_path / "t.txt", tokenizer=tmp_path / "tokenizer.json", vocab_size=n - 1)
-    assert load_eval_data(tmp_path / "t.txt", tokenizer=tmp_path, vocab_size=n).kind == "tokenizer"
-    with pytest.raises(ValueError, match="applies only to text"):
-        load_eval_data(tmp_path / "big.npy", tokenizer=tok)
-    with pytest.raises(FileNotFoundError, match="data file not found"):
-        load_eval_data(tmp_path / "nope.txt")
-    (tmp_path / "one.txt").write_text("x")
-    with pytest.raises(ValueError, match="too few"):
-        load_eval_data(tmp_path / "one.txt")
-    with pytest.raises(ValueError, match="seq_len must be positive"):
-        eval_batches(tmp_path / "t.txt", vocab_size=256, batch_size=1, seq_len=0, batches=1)
-    monkeypatch.setitem(sys.modules, "tokenizers", None)  # as if the hf extra were not installed
-    with pytest.raises(ImportError, match=r'pip install "gpas-probe\[hf\]"'):
-        load_eval_data(tmp_path / "t.txt", tokenizer=tmp_path / "tokenizer.json")
+    return write_short_text(tmp_path_factory.mktemp("data"))
 
 
 # ------------------------------------------------------------------------------ brute-force profile
@@ -351,8 +226,8 @@ def test_folder_of_step_checkpoints_and_name_clashes(run, short_text, tmp_path) 
 
 def test_hf_checkpoint_with_its_tokenizer(tmp_path) -> None:
     transformers = pytest.importorskip("transformers")
-    text = _text(40, seed=1)
-    tok = _word_tokenizer(text)
+    text = words_text(40, seed=1)
+    tok = word_tokenizer(text)
     vocab = tok.get_vocab_size()
     ckpt = tmp_path / "hf-llama"
     torch.manual_seed(0)
@@ -386,79 +261,3 @@ def test_hf_checkpoint_with_its_tokenizer(tmp_path) -> None:
     with pytest.raises(ValueError, match="does not match the model"):
         profile_checkpoint(big, tmp_path / "out", ProfileConfig.of(data=tmp_path / "eval.txt"))
     assert not (tmp_path / "out" / "small-vocab").exists()
-
-
-# -------------------------------------------------------------------------------------------- CLI
-
-
-def test_cli_profile_end_to_end(run, short_text, tmp_path) -> None:
-    out = tmp_path / "profiles"
-    args = ["profile", str(run), "--out", str(out), "--data", str(short_text), "--batches", "2",
-            "--batch-size", "2", "--seq-len", str(SEQ)]
-    res = runner.invoke(_app(), args)
-    assert res.exit_code == 0, res.output
-    assert "profiled 2 checkpoint(s) (step 2, 4)" in res.output
-    frame = load_run(out / "myrun")
-    assert sorted(frame["step"].unique()) == [2, 4]
-    imp = frame[frame["site"].str.startswith(("importance", "angular_n"))]
-    assert set(imp["stat"]) == {"deletion_delta", "deletion_loss", "block_influence", "angular_distance",
-                                "angular_distance_norm"}
-    assert (imp["direction"] == "none").all() and imp["layer"].between(0, 3).all()
-    res = runner.invoke(_app(), args)
-    assert res.exit_code == 2 and "already exists" in res.output and "Traceback" not in res.output
-    assert runner.invoke(_app(), args + ["--overwrite", "--latest", "--dtype", "bf16"]).exit_code == 0
-    assert set(load_run(out / "myrun")["step"]) == {4}
-
-
-def _bad(kind: str, src, tmp_path):
-    bad = tmp_path / "bad"
-    if kind == "nonexistent":
-        return bad
-    shutil.copytree(src, bad)
-    (bad / "trainer_state.pt").unlink()
-    config = json.loads((bad / "config.json").read_text())
-    if kind == "no-config":
-        (bad / "config.json").unlink()
-    elif kind == "no-weights":
-        (bad / "model.safetensors").unlink()
-    elif kind == "truncated":
-        blob = (bad / "model.safetensors").read_bytes()
-        (bad / "model.safetensors").write_bytes(blob[: len(blob) // 2])
-    elif kind == "shapes":
-        config["gpas_probe"]["model_config"]["intermediate_size"] = 96
-        (bad / "config.json").write_text(json.dumps(config))
-    elif kind == "architecture":
-        config = {k: v for k, v in config.items() if k != "gpas_probe"}
-        config.update(architectures=["GPT2LMHeadModel"], model_type="gpt2")
-        (bad / "config.json").write_text(json.dumps(config))
-    elif kind == "bad-json":
-        (bad / "config.json").write_text("{not json")
-    return bad
-
-
-@pytest.mark.parametrize("kind, message", [
-    ("nonexistent", "checkpoint not found"),
-    ("no-config", "no config.json"),
-    ("no-weights", "missing model.safetensors"),
-    ("truncated", "unreadable weights"),
-    ("shapes", "the config implies"),
-    ("architecture", "is not supported natively"),
-    ("bad-json", "not valid JSON"),
-    ("vocab", "token id 300 is beyond the model's vocabulary of 256"),
-])
-def test_cli_bad_input_is_one_line(run, short_text, tmp_path, kind, message) -> None:
-    data = short_text
-    if kind == "vocab":
-        data = tmp_path / "ids.npy"
-        np.save(data, np.arange(301))
-        ckpt = run
-    else:
-        ckpt = _bad(kind, step_checkpoints(run)[-1], tmp_path)
-    out = tmp_path / "out"
-    res = runner.invoke(_app(), ["profile", str(ckpt), "--out", str(out), "--data", str(data),
-                                 "--batches", "1", "--batch-size", "1", "--seq-len", "8"])
-    assert res.exit_code == 2, res.output
-    lines = [line for line in res.output.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0], res.output
-    assert "Traceback" not in res.output
-    assert not out.exists()  # nothing written

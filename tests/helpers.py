@@ -1,0 +1,46 @@
+"""Helpers shared by tests in several folders."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+
+def write_corpus(directory: Path, seed: int, words: int) -> Path:
+    """A small deterministic text corpus (faster to load than the built-in one)."""
+    rng = np.random.default_rng(seed)
+    vocab = ["alpha", "beta", "gamma", "delta", "residual", "stream", "layer", "norm", "gate", "scale"]
+    path = directory / "corpus.txt"
+    path.write_text(" ".join(rng.choice(vocab, size=words)))
+    return path
+
+
+def assert_figure_file(path: Path, kind: str, data: pd.DataFrame) -> None:
+    """``path`` holds the ``kind`` figure of ``data`` as the library draws it: a PNG equal pixel for pixel
+    to :func:`gpas_probe.plots.make_figure`'s, saved the same way; an SVG whose texts name every run and
+    match the library's; a one-page PDF with the library's page size."""
+    import matplotlib.image as mpimg
+    import matplotlib.pyplot as plt
+
+    from gpas_probe.plots import make_figure, save_figure
+
+    fig = make_figure(kind, data)
+    try:
+        ref = save_figure(fig, path.with_name(f"reference-{path.name}"))
+    finally:
+        plt.close(fig)
+    suffix = path.suffix.lower()
+    if suffix == ".png":
+        np.testing.assert_array_equal(mpimg.imread(path), mpimg.imread(ref))
+    elif suffix == ".svg":
+        texts = [re.findall(r"<!-- (.*?) -->", p.read_text()) for p in (path, ref)]
+        assert texts[0] == texts[1] and texts[0]
+        assert all(any(run in t for t in texts[0]) for run in data["run_id"].astype(str).unique())
+    else:
+        got, want = path.read_bytes(), ref.read_bytes()
+        assert got.startswith(b"%PDF-") and got.rstrip().endswith(b"%%EOF")
+        assert got.count(b"/Type /Page\n") + got.count(b"/Type /Page ") == 1
+        assert re.findall(rb"/MediaBox \[[^\]]*\]", got) == re.findall(rb"/MediaBox \[[^\]]*\]", want)

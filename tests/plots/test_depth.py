@@ -1,0 +1,140 @@
+"""Depth profiles on synthetic long tables: variance growth, the layer x step heatmap, shortcut/branch ratios
+and gradient norms draw one artist per promised line, log axes where promised, and values equal to a direct
+reduction of the raw rows."""
+
+
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+from matplotlib.collections import QuadMesh  # noqa: E402
+from plot_tables import all_texts, line_artists, raw_rows, synthetic  # noqa: E402
+
+from gpas_probe.plots import (  # noqa: E402
+    MissingDataError,
+    gates,
+    grad_norm,
+    shortcut_ratio,
+    variance_growth,
+    variance_heatmap,
+)
+
+# ---- variance growth -------------------------------------------------------------------------------------
+
+
+def test_variance_growth_subsamples_steps_and_plots_the_raw_values(two_runs):
+    fig, ax = plt.subplots()
+    out = variance_growth(two_runs, ax=ax, run="pre", max_steps=5)
+    assert out is ax and ax.get_yscale() == "log"
+    lines = line_artists(ax)
+    assert len(lines) == 5
+    labels = [ln.get_label() for ln in lines]
+    assert labels[0] == "0" and labels[-1] == "110"  # first and last recorded step always included
+    raw = raw_rows(two_runs, "pre", "resid_post", "fwd", "var")
+    for ln in lines:
+        step = int(ln.get_label().replace(",", ""))
+        ref = raw[raw.step == step].sort_values("layer")
+        np.testing.assert_array_equal(ln.get_xdata(), ref.layer.to_numpy())
+        np.testing.assert_allclose(ln.get_ydata(), ref.value.to_numpy())
+    assert ax.get_legend() is not None and ax.get_legend().get_title().get_text() == "step"
+    assert ax.get_title() == "pre"
+
+
+def test_variance_growth_all_steps_when_few_and_explicit_steps(one_run):
+    ax = variance_growth(one_run, ax=plt.figure().gca(), max_steps=20)  # single run: run= optional
+    assert len(line_artists(ax)) == 12
+    ax = variance_growth(one_run, ax=plt.figure().gca(), steps=[50, 10], site="attn_out", direction="bwd")
+    assert [ln.get_label() for ln in line_artists(ax)] == ["10", "50"]
+    assert "∂L/∂attn_out" in ax.get_ylabel() and "log" in ax.get_ylabel()
+    with pytest.raises(MissingDataError, match=r"\[55\]"):
+        variance_growth(one_run, ax=plt.figure().gca(), steps=[55])
+
+
+def test_variance_growth_rejects_ambiguous_or_missing(two_runs):
+    with pytest.raises(ValueError, match="pass run="):
+        variance_growth(two_runs, ax=plt.figure().gca())
+    no_bwd = synthetic(runs=("pre",), bwd=False)
+    with pytest.raises(MissingDataError, match="'bwd'"):
+        variance_growth(no_bwd, ax=plt.figure().gca(), direction="bwd")
+    with pytest.raises(ValueError, match="missing columns"):
+        variance_growth(two_runs.drop(columns="stat"), run="pre")
+    with pytest.raises(ValueError, match="no rows"):
+        variance_growth(two_runs.iloc[:0], run="pre")
+
+
+def test_categorical_columns_give_the_same_lines(two_runs):
+    cat = synthetic(categorical=True)
+    a = variance_growth(two_runs, ax=plt.figure().gca(), run="gpas")
+    b = variance_growth(cat, ax=plt.figure().gca(), run="gpas")
+    for la, lb in zip(line_artists(a), line_artists(b), strict=True):
+        np.testing.assert_array_equal(la.get_ydata(), lb.get_ydata())
+    assert len(line_artists(shortcut_ratio(cat, ax=plt.figure().gca()))) == 4
+    assert len(line_artists(gates(cat, ax=plt.figure().gca(), run="gpas"))) == 6
+
+
+# ---- heatmap ------------------------------------------------------------------------------------------
+
+
+def test_heatmap_holds_log10_of_every_layer_and_step(two_runs):
+    ax = variance_heatmap(two_runs, ax=plt.figure().gca(), run="gpas")
+    mesh = [c for c in ax.collections if isinstance(c, QuadMesh)]
+    assert len(mesh) == 1
+    raw = raw_rows(two_runs, "gpas", "resid_post", "fwd", "var")
+    ref = np.log10(raw.pivot(index="layer", columns="step", values="value").to_numpy())
+    np.testing.assert_allclose(np.asarray(mesh[0].get_array()).reshape(ref.shape), ref)
+    lo, hi = ax.get_ylim()
+    assert lo < hi  # row 0 (layer 0) at the bottom
+    assert ax.get_xlabel() == "training step" and ax.get_ylabel() == "layer"
+
+
+# ---- shortcut ratio -----------------------------------------------------------------------------------
+
+
+def test_shortcut_ratio_one_line_per_run_and_sublayer_at_last_step(two_runs, one_run):
+    ax = shortcut_ratio(two_runs, ax=plt.figure().gca())
+    assert ax.get_yscale() == "log"
+    lines = line_artists(ax)
+    assert sorted(ln.get_label() for ln in lines) == ["gpas · attn", "gpas · mlp", "pre · attn", "pre · mlp"]
+    for ln in lines:
+        run, site = ln.get_label().split(" · ")
+        raw = raw_rows(two_runs, run, site, "fwd", "shortcut_branch_ratio")
+        ref = raw[raw.step == raw.step.max()].sort_values("layer")
+        np.testing.assert_allclose(ln.get_ydata(), ref.value.to_numpy())
+    assert "step 110" in ax.get_title()
+    assert len(line_artists(shortcut_ratio(one_run, ax=plt.figure().gca()))) == 2
+    ax = shortcut_ratio(two_runs, ax=plt.figure().gca(), stat="shortcut_branch_cos", step=30)
+    assert ax.get_yscale() == "linear" and "step 30" in ax.get_title()
+
+
+# ---- gradient norms -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("view, site, direction, stat", [("params", "params", "none", "grad_norm"),
+                                                         ("bwd", "resid_post", "bwd", "rms"),
+                                                         ("fwd", "resid_post", "fwd", "rms")])
+def test_grad_norm_views_average_the_last_steps(two_runs, view, site, direction, stat):
+    ax = grad_norm(two_runs, ax=plt.figure().gca(), view=view, last=3)
+    assert ax.get_yscale() == "log"
+    lines = line_artists(ax)
+    assert [ln.get_label() for ln in lines] == ["pre", "gpas"]
+    for ln in lines:
+        raw = raw_rows(two_runs, ln.get_label(), site, direction, stat)
+        ref = raw[raw.step >= 90].groupby("layer").value.mean()
+        np.testing.assert_allclose(ln.get_ydata(), ref.to_numpy())
+    assert "90–110" in ax.get_title()
+
+
+def test_grad_norm_names_runs_without_data_and_errors_when_none_has_it():
+    mixed = pd.concat([synthetic(runs=("pre",), bwd=False), synthetic(runs=("gpas",))], ignore_index=True)
+    ax = grad_norm(mixed, ax=plt.figure().gca(), view="bwd")
+    assert [ln.get_label() for ln in line_artists(ax)] == ["gpas"]
+    assert "pre" in all_texts(ax)
+    with pytest.raises(MissingDataError, match="∂L/∂resid_post"):
+        grad_norm(synthetic(runs=("pre",), bwd=False), ax=plt.figure().gca(), view="bwd")
+    with pytest.raises(ValueError, match="view must be"):
+        grad_norm(mixed, view="sideways")

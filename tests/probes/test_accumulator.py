@@ -1,0 +1,62 @@
+"""The accumulator's reduction over ranks, in one process: two accumulators stand for two ranks (the real
+collective under torchrun is tested in ``tests/distributed/``)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gpas_probe.probes.accumulator import SUM, Accumulator
+
+
+def _two_ranks(a: Accumulator, b: Accumulator) -> dict:
+    """Collect ``a`` as rank 0 of a world whose rank 1 holds ``b``; the MAX of this fake backend drops
+    NaNs (as a backend's max may), the SUM is a plain sum."""
+    seen: dict = {}
+
+    def capture(s: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        seen["b"] = (s.clone(), m.clone())
+        return s, m
+
+    b.collect(capture)
+    return a.collect(lambda s, m: (s + seen["b"][0], torch.fmax(m, seen["b"][1])))
+
+
+def _rank(x: torch.Tensor, shard: torch.Tensor) -> Accumulator:
+    acc = Accumulator()
+    acc.add((0, "resid_pre", "fwd", "n"), x.shape[0])  # a host number
+    acc.add((0, "resid_pre", "fwd", "sq"), x.pow(2).sum())
+    acc.max((0, "resid_pre", "fwd", "absmax"), x.abs().max())
+    acc.set((0, "resid_pre", "fwd", "hidden"), x.shape[-1])
+    acc.set(("grad_sq", 0), shard.pow(2).sum(), reduce=SUM)  # a rank's shard of a parameter
+    acc.set(("grad", 1), torch.tensor(0.25))  # replicated
+    return acc
+
+
+def test_reduction_sums_maxes_and_keeps_replicated_values() -> None:
+    g = torch.Generator().manual_seed(0)
+    x0, x1, w = torch.randn(3, 8, generator=g), torch.randn(5, 8, generator=g), torch.randn(6, 4, generator=g)
+    got = _two_ranks(_rank(x0, w[:3]), _rank(x1, w[3:]))
+    both = torch.cat([x0, x1]).double()
+    assert got[(0, "resid_pre", "fwd", "n")] == 8 and got[(0, "resid_pre", "fwd", "hidden")] == 8
+    assert got[(0, "resid_pre", "fwd", "sq")] == pytest.approx(both.pow(2).sum().item(), rel=1e-6)
+    assert got[(0, "resid_pre", "fwd", "absmax")] == pytest.approx(both.abs().max().item(), rel=1e-6)
+    assert got[("grad_sq", 0)] == pytest.approx(w.double().pow(2).sum().item(), rel=1e-6)
+    assert got[("grad", 1)] == 0.25
+
+
+def test_reduction_keeps_a_nan_of_one_rank_and_refuses_mismatched_keys() -> None:
+    x = torch.ones(2, 4)
+    spoiled = x.clone()
+    spoiled[0, 0] = math.nan
+    got = _two_ranks(_rank(x, x), _rank(spoiled, x))
+    assert math.isnan(got[(0, "resid_pre", "fwd", "absmax")]) and math.isnan(got[(0, "resid_pre", "fwd", "sq")])
+
+    other = _rank(x, x)
+    other.set(("grad", 2), torch.tensor(0.25))  # same number of values, other keys
+    mine = _rank(x, x)
+    mine.set(("grad", 3), torch.tensor(0.25))
+    with pytest.raises(RuntimeError, match="different probe statistics"):
+        _two_ranks(mine, other)
