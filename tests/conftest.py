@@ -4,6 +4,7 @@ Shared helpers are modules beside this file (``helpers``, ``probe_reference``, `
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import matplotlib
 import pytest
@@ -12,6 +13,7 @@ import torch
 matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+from profile_runs import train_run, write_short_text  # noqa: E402
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -33,3 +35,15 @@ def _close_and_check_rc():
     changed = sorted(k for k in before if before[k] != after[k] and not (
         isinstance(before[k], float) and math.isnan(before[k])))
     assert not changed, f"rcParams changed: {changed}"
+
+
+@pytest.fixture(scope="session")
+def tiny_gpas_run(tmp_path_factory) -> Path:
+    """A tiny GPAS run with checkpoints at steps 2 and 4 (``profile_runs.train_run``), trained once."""
+    return train_run(tmp_path_factory.mktemp("train"))
+
+
+@pytest.fixture(scope="session")
+def short_text(tmp_path_factory) -> Path:
+    """An evaluation text whose last batch is padded (``profile_runs.write_short_text``)."""
+    return write_short_text(tmp_path_factory.mktemp("data"))

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 import typer
-from profile_runs import SEQ, train_run, write_short_text
+from profile_runs import SEQ
 from typer.testing import CliRunner
 
 from gpas_probe.checkpoints import step_checkpoints
@@ -18,14 +18,9 @@ from gpas_probe.store import load_run
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return train_run(tmp_path_factory.mktemp("train"))
-
-
-@pytest.fixture(scope="module")
-def short_text(tmp_path_factory):
-    return write_short_text(tmp_path_factory.mktemp("data"))
+@pytest.fixture
+def run(tiny_gpas_run):
+    return tiny_gpas_run
 
 
 def _app() -> typer.Typer:

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from profile_runs import BS, NB, SEQ, train_run, word_tokenizer, words_text, write_short_text
+from profile_runs import BS, NB, SEQ, word_tokenizer, words_text
 from typer.testing import CliRunner
 
 from gpas_probe.analysis import layer_importance, naive_deletion_importance, to_long
@@ -33,14 +33,9 @@ from gpas_probe.store import load_run, read_meta
 runner = CliRunner()
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    return train_run(tmp_path_factory.mktemp("train"))
-
-
-@pytest.fixture(scope="module")
-def short_text(tmp_path_factory):
-    return write_short_text(tmp_path_factory.mktemp("data"))
+@pytest.fixture
+def run(tiny_gpas_run):
+    return tiny_gpas_run
 
 
 # ------------------------------------------------------------------------------ brute-force profile
