@@ -273,7 +273,7 @@ def test_without_transformers_the_message_names_the_extra(monkeypatch: pytest.Mo
     monkeypatch.setitem(sys.modules, "transformers", None)
     monkeypatch.delitem(sys.modules, "gpas_probe.hf.callback", raising=False)
     for call in (lambda: hf.instrument(model), lambda: importlib.import_module("gpas_probe.hf.callback"),
-                 lambda: hf.load_hf_causal_lm(tmp_path)):
+                 lambda: hf.GpasProbeCallback, lambda: hf.load_hf_causal_lm(tmp_path)):
         with pytest.raises(ImportError, match=r'pip install "gpas-probe\[hf\]"'):
             call()
     assert not hf.is_hf_model(model) and not hf.instrument_if_hf(model)  # never imports it
