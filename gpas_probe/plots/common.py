@@ -31,18 +31,6 @@ def check_frame(data: pd.DataFrame) -> None:
     check_table(data, MissingDataError)
 
 
-
-
-
-
-
-
-
-
-
-
-
-
 def pick_run(data: pd.DataFrame, run: str | None) -> str:
     """The run to draw: ``run`` if given, else the table's only run."""
     if run is not None:

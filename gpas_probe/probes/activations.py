@@ -86,7 +86,6 @@ def add_moments(rec: Recording, keys: Moments, x: torch.Tensor, keep: torch.Tens
     acc.max(keys.neg_lo, found.neg_lo)
 
 
-
 class ActivationStats(StatFamily):
     """var, rms, absmax of residual-stream sites, forward (activation) and backward (its gradient)."""
 

@@ -51,7 +51,6 @@ def count(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor | int:
     return x.numel() // x.shape[-1] if keep is None else keep.sum()
 
 
-
 class StatFamily:
     """Base class: a family does nothing unless it overrides these."""
 

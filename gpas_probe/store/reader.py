@@ -70,7 +70,6 @@ def _superseded(steps: Sequence[np.ndarray]) -> np.ndarray | None:
     return np.isin(np.concatenate(steps), shared) if len(shared) else None
 
 
-
 def load_run(path: str | Path, run_id: str | None = None, *, dedupe: bool = True) -> pd.DataFrame:
     """One run's probe table: ``path`` is the run directory, its ``probes/`` folder or one chunk.
 

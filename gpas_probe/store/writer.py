@@ -91,7 +91,6 @@ def run_metadata(run_id: str, extra: dict[str, Any] | None = None) -> dict[str, 
     return {**(extra or {}), **own}
 
 
-
 class ProbeWriter:
     """Buffers rows and writes them as parquet chunks in ``directory`` (a run's ``probes/``).
 

@@ -21,8 +21,6 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
                "original_max_position_embeddings": 256}
 
 
-
-
 def _model(seed: int = 0, **kw: Any) -> torch.nn.Module:
     torch.manual_seed(seed)
     model = build_model(ModelConfig(**{**SMALL, **kw}))

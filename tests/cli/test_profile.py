@@ -34,8 +34,6 @@ def _app() -> typer.Typer:
     return app
 
 
-
-
 def test_cli_profile_end_to_end(run, short_text, tmp_path) -> None:
     out = tmp_path / "profiles"
     args = ["profile", str(run), "--out", str(out), "--data", str(short_text), "--batches", "2",

@@ -30,7 +30,6 @@ from gpas_probe.store import load_run  # noqa: E402
 runner = CliRunner()
 
 
-
 def test_attach_in_a_plain_loop_writes_a_run(tmp_path: Path) -> None:
     model = tiny_llama().train()
     hf.instrument(model)

@@ -41,7 +41,6 @@ from gpas_probe.store import load_run  # noqa: E402
 runner = CliRunner()
 
 
-
 def test_cli_profile_falls_back_to_transformers(tmp_path: Path) -> None:
     """GPT-2 is not native: ``gpas-probe profile`` loads it with transformers. resid_pre (every layer)
     and resid_post (all but the last, whose output HF reports after ln_f) match the model's own

@@ -21,8 +21,6 @@ SMALL = dict(vocab_size=48, hidden_size=32, intermediate_size=40, num_heads=4, n
              max_seq_len=16)
 
 
-
-
 # ----------------------------------------------------------------------------- reference
 def _rmsnorm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return w * x / torch.sqrt((x * x).mean(-1, keepdim=True) + EPS)

@@ -3,7 +3,6 @@ and gradient norms draw one artist per promised line, log axes where promised, a
 reduction of the raw rows."""
 
 
-
 import matplotlib
 
 matplotlib.use("Agg")

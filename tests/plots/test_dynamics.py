@@ -1,7 +1,6 @@
 """Quantities over training steps on synthetic long tables: gate trajectories and loss curves."""
 
 
-
 import matplotlib
 
 matplotlib.use("Agg")

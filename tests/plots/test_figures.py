@@ -1,7 +1,6 @@
 """Whole figures (``make_figure`` for every kind, one and several runs) and saving them."""
 
 
-
 import matplotlib
 
 matplotlib.use("Agg")

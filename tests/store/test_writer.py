@@ -17,7 +17,6 @@ def _tiny_train(steps: int, **kw) -> TrainConfig:
     return TrainConfig(**{**get_preset("tiny").train, "steps": steps, "device": "cpu", "eval_every": 5, **kw})
 
 
-
 def test_writer_buffer_stays_bounded_while_training(monkeypatch, tmp_path) -> None:
     seen: list[tuple[str, int, int]] = []  # (event, buffered rows, flush_rows)
     real_add, real_end = ProbeWriter.add, ProbeWriter.end_step

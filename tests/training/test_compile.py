@@ -21,7 +21,6 @@ def _tiny_train(steps: int, **kw) -> TrainConfig:
     return TrainConfig(**{**get_preset("tiny").train, "steps": steps, "device": "cpu", "eval_every": 5, **kw})
 
 
-
 def _compiled_run(tmp_path: Path, name: str, compile: bool, probe: ProbeConfig | None) -> tuple[int, object]:
     from torch._dynamo.utils import counters
 

@@ -26,7 +26,6 @@ def _hooks_on(model: torch.nn.Module) -> int:
     return n
 
 
-
 def test_unrecorded_steps_of_a_real_run_carry_no_hook_and_run_no_hook_code(monkeypatch, tmp_path) -> None:
     current = {"step": 0}
     calls: Counter[int] = Counter()  # step -> hook function calls, whoever registered them
