@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from gpas_probe.config import ModelConfig
 from gpas_probe.gpas import clip_gate_grad_, gpas_modules
+from gpas_probe.intervals import t_quantile
 from gpas_probe.model import SITES, build_model
 from gpas_probe.probes import ACTIVATION_SITES, Driver, Probe, ProbeConfig
 from gpas_probe.probes.gates import gate_sites
@@ -26,15 +27,20 @@ from gpas_probe.training import StepInfo
 B, T = 3, 12
 Rows = dict[tuple[int, str, str, str], float]
 
-#: Model, padding and precision cases: (dtype, config overrides, padding, skip position 0, rtol).
+#: Model, padding and precision cases: (dtype, config overrides, padding, skip position 0, rtol, probe options).
+#: A low outlier factor flags some tokens of these random models as outliers, so the robust statistics
+#: differ from the raw ones.
 CASES = {
-    "pre-gpas-f64-padding": (torch.float64, dict(gpas=True), "pad", False, 1e-10),
+    "pre-gpas-f64-padding": (torch.float64, dict(gpas=True), "pad", False, 1e-10,
+                             dict(outlier_factor=1.3, intervals=True)),
     "deepnorm-sublayer-gates-f64-skip-first": (torch.float64, dict(norm="deepnorm", gpas=True,
-                                                                    gpas_granularity="sublayer"), None, True, 1e-10),
+                                                                    gpas_granularity="sublayer"), None, True, 1e-10,
+                                               dict(outlier_factor=1.2)),
     "mixln-naive-f32": (torch.float32, dict(norm="mixln", post_layers=2, gpas=True, gpas_mode="naive"), None, False,
-                        1e-5),
-    "sandwich-f32-padding": (torch.float32, dict(norm="sandwich", gpas=True), "pad", False, 1e-5),
-    "lns-no-gpas-f32": (torch.float32, dict(norm="lns"), None, False, 1e-5),
+                        1e-5, {}),
+    "sandwich-f32-padding": (torch.float32, dict(norm="sandwich", gpas=True), "pad", False, 1e-5,
+                             dict(outlier_factor=1.25, intervals=True)),
+    "lns-no-gpas-f32": (torch.float32, dict(norm="lns"), None, False, 1e-5, {}),
 }
 
 
@@ -90,6 +96,8 @@ class Step:
     before: dict[torch.nn.Parameter, torch.Tensor]
     gates: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
     info: StepInfo
+    tokens: torch.Tensor
+    options: dict[str, Any]
 
 
 def _capture(model: torch.nn.Module) -> tuple[dict, list]:
@@ -106,7 +114,8 @@ def _capture(model: torch.nn.Module) -> tuple[dict, list]:
 
 
 def run_step(model: torch.nn.Module, probe: Probe, step: int, x: torch.Tensor, y: torch.Tensor,
-             exclude: torch.Tensor | None = None, skip_first: bool = False, val_loss: float | None = None) -> Step:
+             exclude: torch.Tensor | None = None, skip_first: bool = False, val_loss: float | None = None,
+             options: dict[str, Any] | None = None) -> Step:
     """One training step (Adam, global and gate clipping) through the observer protocol, as train() drives it."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.Adam(params, lr=1e-2)
@@ -130,7 +139,7 @@ def run_step(model: torch.nn.Module, probe: Probe, step: int, x: torch.Tensor, y
     opt.zero_grad(set_to_none=True)
     info = StepInfo(step, loss.item(), 1e-2, float(grad_norm), 123 * step, 1.0, val_loss)
     probe.end_step(info)
-    return Step(model, acts, keep, grads, before, gates, info)
+    return Step(model, acts, keep, grads, before, gates, info, x, {"outlier_factor": 10.0, **(options or {})})
 
 
 # -- the twins, one per statistic family ------------------------------------------------------------
@@ -149,16 +158,75 @@ def activation_rows(s: Step) -> Rows:
     return exp
 
 
+def _outliers(mean_square: torch.Tensor, keep: torch.Tensor, factor: float) -> torch.Tensor:
+    """Kept tokens whose mean square is above factor² x the median kept token's (the lower middle value
+    for an even count, as torch's median)."""
+    kept = sorted(mean_square[keep].tolist())
+    median = kept[(len(kept) - 1) // 2]
+    return keep & (mean_square > factor * factor * median)
+
+
+def _interval(x: list[float], y: list[float]) -> tuple[float, float]:
+    """The 95% interval of sum(x) / sum(y) over sequences, residual by residual."""
+    m, r = len(x), sum(x) / sum(y)
+    se = math.sqrt(m / (m - 1) * sum((a - r * b) ** 2 for a, b in zip(x, y, strict=True))) / sum(y)
+    q = t_quantile(0.975, m - 1)
+    return r - q * se, r + q * se
+
+
 def ratio_rows(s: Step) -> Rows:
-    """rms(shortcut) / rms(branch) over all kept elements, and their per-token cosine, averaged."""
+    """rms(shortcut) / rms(branch) over all kept elements, their per-token cosine, averaged, and the ratio
+    without the tokens whose shortcut is an outlier (with its interval when asked for)."""
     exp = {}
+    factor = s.options["outlier_factor"]
     for block in s.model.layers:
         for sub in ("attn", "mlp"):
-            sc = s.acts[(block.layer, f"{sub}_shortcut")].detach()[s.keep].double()
-            br = s.acts[(block.layer, f"{sub}_out")].detach()[s.keep].double()
-            exp[(block.layer, sub, "fwd", "shortcut_branch_ratio")] = (sc.pow(2).mean().sqrt()
-                                                                       / br.pow(2).mean().sqrt()).item()
-            exp[(block.layer, sub, "fwd", "shortcut_branch_cos")] = F.cosine_similarity(sc, br, dim=-1).mean().item()
+            sc_all = s.acts[(block.layer, f"{sub}_shortcut")].detach().double()
+            br_all = s.acts[(block.layer, f"{sub}_out")].detach().double()
+            sc, br = sc_all[s.keep], br_all[s.keep]
+            key = (block.layer, sub, "fwd")
+            exp[key + ("shortcut_branch_ratio",)] = (sc.pow(2).mean().sqrt() / br.pow(2).mean().sqrt()).item()
+            exp[key + ("shortcut_branch_cos",)] = F.cosine_similarity(sc, br, dim=-1).mean().item()
+            rob = s.keep & ~_outliers(sc_all.pow(2).mean(-1), s.keep, factor)
+            exp[key + ("shortcut_branch_ratio_robust",)] = math.sqrt(sc_all[rob].pow(2).sum().item()
+                                                                     / br_all[rob].pow(2).sum().item())
+            if s.options.get("intervals"):
+                per_seq = [(sc_all[j][rob[j]].pow(2).sum().item(), br_all[j][rob[j]].pow(2).sum().item())
+                           for j in range(len(rob))]
+                lo, hi = _interval([a for a, _ in per_seq], [b for _, b in per_seq])
+                exp[key + ("shortcut_branch_ratio_robust_lo",)] = math.sqrt(max(lo, 0.0))
+                exp[key + ("shortcut_branch_ratio_robust_hi",)] = math.sqrt(hi)
+    return exp
+
+
+def outlier_rows(s: Step) -> Rows:
+    """Per activation site (fwd): the outlier tokens (token RMS above outlier_factor x the median kept
+    token's), the statistics without them, and where the largest |x| sits."""
+    exp = {}
+    factor = s.options["outlier_factor"]
+    for block in s.model.layers:
+        for site in ACTIVATION_SITES:
+            a = s.acts[(block.layer, site)].detach().double()
+            key = (block.layer, site, "fwd")
+            out = _outliers(a.pow(2).mean(-1), s.keep, factor)
+            rob = s.keep & ~out
+            dev = (a - a.mean(-1, keepdim=True)).pow(2).sum(-1)  # (B, T)
+            r = a[rob]
+            exp[key + ("var_robust",)] = r.var(dim=-1, unbiased=False).mean().item()
+            exp[key + ("rms_robust",)] = r.pow(2).mean().sqrt().item()
+            exp[key + ("absmax_robust",)] = r.abs().max().item()
+            exp[key + ("outlier_frac",)] = out.sum().item() / s.keep.sum().item()
+            exp[key + ("outlier_var_share",)] = dev[out].sum().item() / dev[s.keep].sum().item()
+            exp[key + ("outlier_pos0_frac",)] = out[:, 0].sum().item() / len(out)
+            biggest = a.abs().masked_fill(~s.keep[..., None], -1.0)
+            b, t, h = (int(i) for i in torch.nonzero(biggest == biggest.max())[0])
+            exp[key + ("absmax_dim",)], exp[key + ("absmax_pos",)] = float(h), float(t)
+            exp[key + ("absmax_token",)] = float(s.tokens[b, t])
+            if s.options.get("intervals"):
+                lo, hi = _interval([dev[j][rob[j]].sum().item() for j in range(len(rob))],
+                                   [rob[j].sum().item() for j in range(len(rob))])
+                hidden = a.shape[-1]
+                exp[key + ("var_robust_lo",)], exp[key + ("var_robust_hi",)] = lo / hidden, hi / hidden
     return exp
 
 
@@ -192,8 +260,11 @@ def model_rows(s: Step) -> Rows:
             for stat in ("loss", "lr", "grad_norm", "tokens", "val_loss") if getattr(s.info, stat) is not None}
 
 
-TWINS = {"activations": activation_rows, "ratios": ratio_rows, "params": param_rows, "gpas": gate_rows,
-         "model": model_rows}
+TWINS = {"activations": activation_rows, "outliers": outlier_rows, "ratios": ratio_rows, "params": param_rows,
+         "gpas": gate_rows, "model": model_rows}
+#: The statistics of the outliers family (the rest at activation sites are the activations family's).
+OUTLIER_STATS = ("var_robust", "rms_robust", "absmax_robust", "outlier_frac", "outlier_var_share",
+                 "outlier_pos0_frac", "absmax_dim", "absmax_pos", "absmax_token", "var_robust_lo", "var_robust_hi")
 
 
 def family_of(key: tuple[int, str, str, str]) -> str:
@@ -202,7 +273,7 @@ def family_of(key: tuple[int, str, str, str]) -> str:
     if layer == -1:
         return "model"
     if site in ACTIVATION_SITES:
-        return "activations"
+        return "outliers" if key[3] in OUTLIER_STATS else "activations"
     return {"attn": "ratios", "mlp": "ratios", "params": "params"}.get(site, "gpas" if site.startswith("gpas") else "?")
 
 
@@ -210,7 +281,7 @@ def family_of(key: tuple[int, str, str, str]) -> str:
 def probed_case(case: str, grads_at_backward_end: bool) -> tuple[Rows, Step, float]:
     """A recorded step of one of :data:`CASES` with every family on: (the probe's rows, the step, rtol).
     Cached: each family's test file reads the same step."""
-    dtype, overrides, pad, skip_first, rtol = CASES[case]
+    dtype, overrides, pad, skip_first, rtol, options = CASES[case]
     model = model_for(dtype, **overrides)
     x, y = batch(1)
     exclude = None
@@ -219,10 +290,11 @@ def probed_case(case: str, grads_at_backward_end: bool) -> tuple[Rows, Step, flo
         exclude = torch.arange(T)[None, :] >= lengths[:, None]
         y = y.masked_fill(exclude, -100)
     driver = Driver(grads_at_backward_end=grads_at_backward_end, grad_norm_given=grads_at_backward_end)  # as train()
-    probe = Probe(model, config=ProbeConfig(every=1, skip_first_position=skip_first), driver=driver)
+    probe = Probe(model, config=ProbeConfig(every=1, skip_first_position=skip_first, **options), driver=driver)
     probe.set_exclude_mask(exclude)
+    probe.set_tokens(x)
     with probe:
-        step = run_step(model, probe, 1, x, y, exclude, skip_first, val_loss=2.5)
+        step = run_step(model, probe, 1, x, y, exclude, skip_first, val_loss=2.5, options=options)
         got = rows(probe.frame())
     assert hook_count(model) == 0
     return got, step, rtol

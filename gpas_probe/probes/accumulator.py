@@ -57,6 +57,22 @@ class Accumulator:
             self._values[key] = max(old, value)
         self._reduce[key] = MAX
 
+    def argmax(self, key: Key, value: torch.Tensor, payload: tuple[torch.Tensor, ...]) -> None:
+        """Keep the largest ``value`` under ``key`` (MAX over passes and ranks) and, under ``key + (i,)``,
+        the ``payload`` of the pass that had it (its coordinates, say); chosen on the device, no sync.
+        Over ranks the payload is rank 0's (a value every rank holds as it is, like :meth:`set`)."""
+        old = self._values.get(key)
+        if old is None:
+            chosen = payload
+            self._values[key] = value
+        else:
+            take = value > old
+            chosen = tuple(torch.where(take, new, self._values[key + (i,)]) for i, new in enumerate(payload))
+            self._values[key] = torch.maximum(torch.as_tensor(old), value)
+        self._reduce[key] = MAX
+        for i, v in enumerate(chosen):
+            self.set(key + (i,), v)
+
     def set(self, key: Key, value: Number, reduce: str = SAME) -> None:
         self._values[key] = value
         self._reduce[key] = reduce

@@ -9,7 +9,7 @@ from typing import Any
 from gpas_probe.config import from_fields
 
 #: Statistic families, in the order their rows are written.
-FAMILIES = ("activations", "ratios", "params", "gpas", "model")
+FAMILIES = ("activations", "outliers", "ratios", "params", "gpas", "model")
 #: Residual-stream sites recorded by the ``activations`` family (DESIGN §6).
 ACTIVATION_SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
 DIRECTIONS = ("fwd", "bwd")
@@ -31,7 +31,11 @@ class ProbeConfig:
     step when ``every > 0``. ``stats`` picks statistic families, ``sites`` the residual sites and
     ``directions`` fwd (activations) and/or bwd (their gradients) of the ``activations`` family.
     Position 0 of each sequence is included unless ``skip_first_position`` (its residual stream is
-    often an outlier, the attention sink).
+    often an outlier, the attention sink). A kept token whose RMS over the hidden dimension exceeds
+    ``outlier_factor`` times the median token's is an *outlier token* (a sink, a massive activation):
+    the ``outliers`` family records them and the statistics without them (``var_robust`` ...), and the
+    shortcut/branch ratio has a ``_robust`` twin. ``intervals`` adds 95% confidence bounds (``_lo``,
+    ``_hi``) from per-sequence sums to the statistics a diagnosis reads (profiles turn it on).
     """
 
     every: int = 100
@@ -41,6 +45,8 @@ class ProbeConfig:
     sites: tuple[str, ...] = ACTIVATION_SITES
     directions: tuple[str, ...] = DIRECTIONS
     skip_first_position: bool = False
+    outlier_factor: float = 10.0
+    intervals: bool = False
     flush_rows: int = 100_000
     flush_steps: int = 50
 
@@ -53,6 +59,8 @@ class ProbeConfig:
             raise ValueError(f"unknown probe schedule {self.schedule!r}; choose from {', '.join(SCHEDULES)}")
         if self.every < 0 or (self.schedule == "every" and self.every == 0):
             raise ValueError(f"probe every must be positive, got {self.every}")
+        if not self.outlier_factor > 1:
+            raise ValueError(f"outlier_factor must be above 1, got {self.outlier_factor}")
         if self.per_decade <= 0:
             raise ValueError(f"per_decade must be positive, got {self.per_decade}")
         if self.flush_rows <= 0 or self.flush_steps <= 0:

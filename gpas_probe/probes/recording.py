@@ -31,8 +31,9 @@ class Recording:
     """
 
     def __init__(self, step: int, driver: Driver | None = None, skip_first_position: bool = False,
-                 exclude: torch.Tensor | None = None) -> None:
+                 exclude: torch.Tensor | None = None, tokens: torch.Tensor | None = None) -> None:
         self.step = step
+        self.tokens = tokens  # (B, T) input ids, when the driver gives them
         self.driver = driver or Driver()
         self.acc = Accumulator()
         self.state: dict[Hashable, Any] = {}  # per-step scratch of the statistic families
@@ -73,6 +74,23 @@ class Recording:
                 keep[:, 0] = False
             self._keep_cache[cache_key] = keep
         return self._keep_cache[cache_key]
+
+    def kept(self, x: torch.Tensor) -> torch.Tensor:
+        """:meth:`keep` as a (B, T) boolean tensor even when every position is kept."""
+        keep = self.keep(x)
+        if keep is not None:
+            return keep
+        cache_key = (x.shape[0], x.shape[1], x.device, "all")
+        if cache_key not in self._keep_cache:
+            self._keep_cache[cache_key] = torch.ones(x.shape[0], x.shape[1], dtype=torch.bool, device=x.device)
+        return self._keep_cache[cache_key]  # type: ignore[return-value]
+
+    def token_ids(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The input ids of the positions of ``x`` (B, T, hidden), when the driver gave them."""
+        ids = self.tokens
+        if ids is None or tuple(ids.shape) != tuple(x.shape[:2]):
+            return None
+        return ids.to(x.device)
 
     def scratch(self, like: torch.Tensor) -> torch.Tensor:
         """A buffer of ``like``'s shape, dtype and device, reused by every statistic of this step that

@@ -46,6 +46,7 @@ from gpas_probe.probes.driver import Driver
 from gpas_probe.probes.family import StatFamily
 from gpas_probe.probes.gates import GateStats
 from gpas_probe.probes.model_level import ModelStats
+from gpas_probe.probes.outliers import OutlierStats
 from gpas_probe.probes.params import ParamStats
 from gpas_probe.probes.ratios import ShortcutBranchStats
 from gpas_probe.probes.recording import Recording
@@ -117,6 +118,7 @@ class Probe:
         self._last: tuple[int, dict[Key, float]] | None = None  # the last recorded step's values
         self._rec: Recording | None = None
         self._exclude: torch.Tensor | None = None
+        self._tokens: torch.Tensor | None = None
         self.model: nn.Module | None = None
         self.closed = False
         if model is not None:
@@ -131,8 +133,8 @@ class Probe:
         instrument_if_hf(model)  # a Hugging Face model gets its probed layers (gpas_probe.hf)
         blocks = find_blocks(model)
         cfg = self.config
-        makers = {"activations": ActivationStats, "ratios": ShortcutBranchStats, "params": ParamStats,
-                  "gpas": GateStats}
+        makers = {"activations": ActivationStats, "outliers": OutlierStats, "ratios": ShortcutBranchStats,
+                  "params": ParamStats, "gpas": GateStats}
         self._families = [makers[name](blocks, cfg) for name in cfg.stats if name in makers]
         self._activations = next((f for f in self._families if isinstance(f, ActivationStats)), None)
         if "model" in cfg.stats:
@@ -161,6 +163,13 @@ class Probe:
         if self._rec is not None:
             self._rec.set_exclude(exclude)
 
+    def set_tokens(self, input_ids: torch.Tensor | None) -> None:
+        """The (batch, seq) input ids of the forward passes from now on, so that the ``outliers`` family
+        can say which token the largest activation sits at (``absmax_token``); None: unknown."""
+        self._tokens = input_ids
+        if self._rec is not None:
+            self._rec.tokens = input_ids
+
     # -- state ---------------------------------------------------------------------------------
     @property
     def recording_step(self) -> int | None:
@@ -183,7 +192,7 @@ class Probe:
 
     def _arm(self, step: int) -> None:
         self._disarm()
-        rec = Recording(step, self.driver, self.config.skip_first_position, self._exclude)
+        rec = Recording(step, self.driver, self.config.skip_first_position, self._exclude, self._tokens)
         self._rec = rec
         try:
             for family in self._families:

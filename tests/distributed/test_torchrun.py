@@ -59,8 +59,16 @@ def _reference(norm: str, gate: str, data: Path, out: Path) -> torch.nn.Module:
     return train(model, tc, out, probe=ProbeConfig(every=1)).model
 
 
+#: Where the largest activation sits: under torchrun, rank 0's coordinates (documented), so not the
+#: single process's over the global batch.
+RANK0_STATS = ("absmax_dim", "absmax_pos", "absmax_token")
+
+
 def _assert_same_table(got: pd.DataFrame, ref: pd.DataFrame) -> None:
     assert not got.duplicated(KEY_COLUMNS).any() and not ref.duplicated(KEY_COLUMNS).any()
+    where = got[got.stat.isin(RANK0_STATS)]
+    assert len(where) and (where.value >= 0).all() and (where.value == where.value.round()).all()
+    got, ref = got[~got.stat.isin(RANK0_STATS)], ref[~ref.stat.isin(RANK0_STATS)]
     merged = ref.merge(got, on=KEY_COLUMNS, how="outer", suffixes=("_ref", "_got"), indicator=True)
     assert (merged["_merge"] == "both").all(), merged[merged["_merge"] != "both"].head()
     assert sorted(merged.step.unique()) == list(range(1, STEPS + 1))

@@ -31,7 +31,7 @@ def test_writer_buffer_stays_bounded_while_training(monkeypatch, tmp_path) -> No
 
     monkeypatch.setattr(ProbeWriter, "add", add)
     monkeypatch.setattr(ProbeWriter, "end_step", end_step)
-    flush_rows = 300
+    flush_rows = 1000
     train_mod.train(ModelConfig.from_preset("tiny", gpas=True), _tiny_train(12), tmp_path / "run",
                     probe=ProbeConfig(every=1, flush_rows=flush_rows, flush_steps=1000))
 
