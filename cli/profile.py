@@ -43,6 +43,10 @@ def profile_cmd(
     latest: Annotated[bool, Opt("--latest", help="Only the latest checkpoint of each run folder.")] = False,
     no_importance: Annotated[bool, Opt("--no-importance", help="Skip layer importance.")] = False,
     no_activations: Annotated[bool, Opt("--no-activations", help="Skip forward/backward statistics.")] = False,
+    skip_first_position: Annotated[bool, Opt("--skip-first-position", help="Leave position 0 of every window "
+                                             "out of the statistics (the attention sink of trained LLMs).")] = False,
+    outlier_factor: Annotated[float, Opt(help="A token is an outlier (a sink, a massive activation) when its RMS "
+                                             "exceeds this multiple of the median token's.")] = 10.0,
     overwrite: Annotated[bool, Opt("--overwrite", help="Replace earlier profiles of the same runs.")] = False,
     backend: Annotated[Backend, Opt(help="How checkpoints load: auto (natively when supported, else with "
                                          "transformers, the hf extra), native, or hf.")] = Backend.auto,  # type: ignore[attr-defined]
@@ -53,7 +57,8 @@ def profile_cmd(
     config = ProfileConfig.of(
         data=data, tokenizer=tokenizer, batches=batches, batch_size=batch_size, seq_len=seq_len, norm=norm,
         post_layers=post_layers, device=device, dtype=dtype.value if dtype else None, backend=backend.value,
-        importance=not no_importance, activations=not no_activations)
+        importance=not no_importance, activations=not no_activations, skip_first_position=skip_first_position,
+        outlier_factor=outlier_factor)
     with ExitStack() as stack:
         bar: dict[str, Any] = {}
 

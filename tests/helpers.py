@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+from gpas_probe.intervals import t_quantile
 
 
 def write_corpus(directory: Path, seed: int, words: int) -> Path:
@@ -44,3 +47,12 @@ def assert_figure_file(path: Path, kind: str, data: pd.DataFrame) -> None:
         assert got.startswith(b"%PDF-") and got.rstrip().endswith(b"%%EOF")
         assert got.count(b"/Type /Page\n") + got.count(b"/Type /Page ") == 1
         assert re.findall(rb"/MediaBox \[[^\]]*\]", got) == re.findall(rb"/MediaBox \[[^\]]*\]", want)
+
+
+def ratio_bounds(x: list[float], y: list[float]) -> tuple[float, float]:
+    """The 95% interval of sum(x) / sum(y) over sequences (one x and y each), residual by residual: the
+    brute-force twin of the streamed intervals."""
+    m, r = len(x), sum(x) / sum(y)
+    se = math.sqrt(m / (m - 1) * sum((a - r * b) ** 2 for a, b in zip(x, y, strict=True))) / sum(y)
+    q = t_quantile(0.975, m - 1)
+    return r - q * se, r + q * se

@@ -15,10 +15,10 @@ from typing import Any
 import pandas as pd
 import torch
 import torch.nn.functional as F
+from helpers import ratio_bounds
 
 from gpas_probe.config import ModelConfig
 from gpas_probe.gpas import clip_gate_grad_, gpas_modules
-from gpas_probe.intervals import t_quantile
 from gpas_probe.model import SITES, build_model
 from gpas_probe.probes import ACTIVATION_SITES, Driver, Probe, ProbeConfig
 from gpas_probe.probes.gates import gate_sites
@@ -166,14 +166,6 @@ def _outliers(mean_square: torch.Tensor, keep: torch.Tensor, factor: float) -> t
     return keep & (mean_square > factor * factor * median)
 
 
-def _interval(x: list[float], y: list[float]) -> tuple[float, float]:
-    """The 95% interval of sum(x) / sum(y) over sequences, residual by residual."""
-    m, r = len(x), sum(x) / sum(y)
-    se = math.sqrt(m / (m - 1) * sum((a - r * b) ** 2 for a, b in zip(x, y, strict=True))) / sum(y)
-    q = t_quantile(0.975, m - 1)
-    return r - q * se, r + q * se
-
-
 def ratio_rows(s: Step) -> Rows:
     """rms(shortcut) / rms(branch) over all kept elements, their per-token cosine, averaged, and the ratio
     without the tokens whose shortcut is an outlier (with its interval when asked for)."""
@@ -193,7 +185,7 @@ def ratio_rows(s: Step) -> Rows:
             if s.options.get("intervals"):
                 per_seq = [(sc_all[j][rob[j]].pow(2).sum().item(), br_all[j][rob[j]].pow(2).sum().item())
                            for j in range(len(rob))]
-                lo, hi = _interval([a for a, _ in per_seq], [b for _, b in per_seq])
+                lo, hi = ratio_bounds([a for a, _ in per_seq], [b for _, b in per_seq])
                 exp[key + ("shortcut_branch_ratio_robust_lo",)] = math.sqrt(max(lo, 0.0))
                 exp[key + ("shortcut_branch_ratio_robust_hi",)] = math.sqrt(hi)
     return exp
@@ -223,7 +215,7 @@ def outlier_rows(s: Step) -> Rows:
             exp[key + ("absmax_dim",)], exp[key + ("absmax_pos",)] = float(h), float(t)
             exp[key + ("absmax_token",)] = float(s.tokens[b, t])
             if s.options.get("intervals"):
-                lo, hi = _interval([dev[j][rob[j]].sum().item() for j in range(len(rob))],
+                lo, hi = ratio_bounds([dev[j][rob[j]].sum().item() for j in range(len(rob))],
                                    [rob[j].sum().item() for j in range(len(rob))])
                 hidden = a.shape[-1]
                 exp[key + ("var_robust_lo",)], exp[key + ("var_robust_hi",)] = lo / hidden, hi / hidden

@@ -46,17 +46,25 @@ def _embed(model: Transformer, input_ids: torch.Tensor) -> tuple[torch.Tensor, t
     return x, cos, sin
 
 
-def _loss_sum(model: Transformer, h: torch.Tensor, labels: torch.Tensor) -> tuple[float, int]:
-    """Summed cross-entropy and token count of the head applied to pre-norm states ``h``.
+def _targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(positions with a target, the sequence of each, targets per sequence) of a batch's labels."""
+    keep = labels != IGNORE_INDEX
+    return keep, keep.nonzero()[:, 0], keep.sum(-1)
+
+
+def _loss_per_sequence(model: Transformer, h: torch.Tensor, labels: torch.Tensor,
+                       targets: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Summed cross-entropy of each sequence (B,) of the head applied to pre-norm states ``h``.
 
     The head runs only at positions with a target: the norm and head act per token, so this equals
     the model's own loss on those positions."""
-    keep = labels != IGNORE_INDEX
-    n = int(keep.sum())
-    if n == 0:
-        return 0.0, 0
-    logits = model.lm_head(model.norm(h[keep]))
-    return float(F.cross_entropy(logits.float(), labels[keep], reduction="sum")), n
+    keep, rows, _ = targets
+    out = torch.zeros(len(labels), dtype=torch.float64, device=h.device)
+    if len(rows):
+        logits = model.lm_head(model.norm(h[keep]))
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 models stay float64
+        out.index_add_(0, rows, F.cross_entropy(logits, labels[keep], reduction="none").double())
+    return out
 
 
 def forward_skipping(model: Transformer, input_ids: torch.Tensor, skip: Iterable[int] = ()) -> torch.Tensor:
@@ -73,6 +81,7 @@ def _update(model: Transformer, input_ids: torch.Tensor, labels: torch.Tensor, m
             sums: ImportanceSums) -> None:
     """One batch of the one-pass analyses, reusing the unchanged prefix for each deletion."""
     rows, last = last_token_index(mask)
+    targets = _targets(labels)
     x, cos, sin = _embed(model, input_ids)
     layers = model.layers
     states = []  # h_l at each sequence's last token, for the angular distances
@@ -81,14 +90,14 @@ def _update(model: Transformer, input_ids: torch.Tensor, labels: torch.Tensor, m
             y = x  # deleting `layer`: the later layers start from its input, the unchanged prefix
             for later in layers[layer + 1:]:
                 y = later(y, cos, sin)
-            sums.add_deleted(layer, _loss_sum(model, y, labels)[0])
+            sums.add_deleted(layer, _loss_per_sequence(model, y, labels, targets))
         if sums.angular:
             states.append(x[rows, last])
         out = block(x, cos, sin)
         if sums.influence:
             sums.add_influence(layer, x, out, mask)
         x = out
-    sums.add_loss(*_loss_sum(model, x, labels), mask)
+    sums.add_loss(_loss_per_sequence(model, x, labels, targets), targets[2])
     if sums.angular:
         sums.add_last_states([*states, x[rows, last]])
 
@@ -111,9 +120,11 @@ def naive_deletion_importance(model: Transformer, batches: Iterable[Batch]) -> p
     L = len(model.layers)
 
     def update(input_ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, sums: ImportanceSums) -> None:
-        sums.add_loss(*_loss_sum(model, forward_skipping(model, input_ids), labels), mask)
+        targets = _targets(labels)
+        sums.add_loss(_loss_per_sequence(model, forward_skipping(model, input_ids), labels, targets), targets[2])
         for layer in range(L):
-            sums.add_deleted(layer, _loss_sum(model, forward_skipping(model, input_ids, [layer]), labels)[0])
+            skipped = forward_skipping(model, input_ids, [layer])
+            sums.add_deleted(layer, _loss_per_sequence(model, skipped, labels, targets))
 
     return stream(model, batches, ImportanceSums(L, deletion=True), update).deletion_frame()
 
@@ -133,7 +144,9 @@ def block_influence(model: Transformer, batches: Iterable[Batch]) -> pd.DataFram
     return _run(model, batches, influence=True).influence_frame()
 
 
-def layer_importance(model: Transformer, batches: Iterable[Batch],
-                     normalize_rows: bool = False) -> dict[str, pd.DataFrame]:
-    """All three analyses in one streamed pass: keys ``deletion``, ``angular``, ``block_influence``."""
-    return _run(model, batches, deletion=True, angular=True, influence=True).frames(normalize_rows)
+def layer_importance(model: Transformer, batches: Iterable[Batch], normalize_rows: bool = False,
+                     skip_first_position: bool = False) -> dict[str, pd.DataFrame]:
+    """All three analyses in one streamed pass: keys ``deletion``, ``angular``, ``block_influence``
+    (``skip_first_position`` leaves position 0 out of block influence)."""
+    return _run(model, batches, deletion=True, angular=True, influence=True,
+                skip_first_position=skip_first_position).frames(normalize_rows)

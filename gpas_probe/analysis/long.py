@@ -49,10 +49,11 @@ def importance_over_training(
 def to_long(df: pd.DataFrame, run_id: str, step: int | None = None) -> pd.DataFrame:
     """Any importance frame (:mod:`gpas_probe.analysis.streaming`) in the long probe schema (DESIGN §7).
 
-    Deletion: ``site='importance'``, stats ``deletion_delta`` and ``deletion_loss``, plus the base
-    loss as ``layer=-1, site='model', stat='val_loss'``. Block influence: ``site='importance'``,
-    stat ``block_influence``. Angular distance: ``site=f'angular_n{n}'``, stat ``angular_distance``
-    (and ``angular_distance_norm``). ``direction`` is ``'none'``. The step comes from a ``step``
+    Deletion: ``site='importance'``, stats ``deletion_delta`` (with its 95% interval
+    ``deletion_delta_lo``/``_hi``) and ``deletion_loss``, plus the base loss as ``layer=-1,
+    site='model', stat='val_loss'``. Block influence: ``site='importance'``, stat ``block_influence``
+    (and ``_lo``/``_hi``). Angular distance: ``site=f'angular_n{n}'``, stat ``angular_distance`` (and
+    ``_lo``/``_hi``, ``angular_distance_norm``). ``direction`` is ``'none'``. The step comes from a ``step``
     column when present (see :func:`importance_over_training`), else from ``step``."""
     cols = set(df.columns) - {"step"}
     if "step" in df.columns:
@@ -69,17 +70,21 @@ def to_long(df: pd.DataFrame, run_id: str, step: int | None = None) -> pd.DataFr
                                    "stat": stat, "value": value.to_numpy()}))
 
     if cols == set(DELETION_COLUMNS):
-        add(df["layer"], IMPORTANCE_SITE, "deletion_delta", df["delta"], steps)
-        add(df["layer"], IMPORTANCE_SITE, "deletion_loss", df["loss_deleted"], steps)
+        for stat, column in (("deletion_delta", "delta"), ("deletion_delta_lo", "delta_lo"),
+                             ("deletion_delta_hi", "delta_hi"), ("deletion_loss", "loss_deleted")):
+            add(df["layer"], IMPORTANCE_SITE, stat, df[column], steps)
         base = pd.DataFrame({"step": steps, "base_loss": df["base_loss"]}).drop_duplicates("step")
         add(pd.Series(MODEL_LAYER, index=base.index), MODEL_SITE, "val_loss", base["base_loss"], base["step"])
     elif cols == set(INFLUENCE_COLUMNS):
-        add(df["layer"], IMPORTANCE_SITE, "block_influence", df["influence"], steps)
+        for stat, column in (("block_influence", "influence"), ("block_influence_lo", "influence_lo"),
+                             ("block_influence_hi", "influence_hi")):
+            add(df["layer"], IMPORTANCE_SITE, stat, df[column], steps)
     elif cols in (set(ANGULAR_COLUMNS), set(ANGULAR_COLUMNS) | {"distance_norm"}):
         site = ANGULAR_PREFIX + df["n"].astype(int).astype(str)
-        add(df["layer"], site, "angular_distance", df["distance"], steps)
-        if "distance_norm" in cols:
-            add(df["layer"], site, "angular_distance_norm", df["distance_norm"], steps)
+        for stat, column in (("angular_distance", "distance"), ("angular_distance_lo", "distance_lo"),
+                             ("angular_distance_hi", "distance_hi"), ("angular_distance_norm", "distance_norm")):
+            if column in cols:
+                add(df["layer"], site, stat, df[column], steps)
     else:
         raise ValueError(f"not a layer-importance frame: columns {sorted(df.columns)}")
     out = pd.concat(parts, ignore_index=True)

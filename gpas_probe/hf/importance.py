@@ -20,10 +20,12 @@ from gpas_probe.model import IGNORE_INDEX
 from gpas_probe.model.adapter import HFLayer, hidden_in, instrument, with_first
 
 
-def _loss_sum(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> float:
-    keep = labels != IGNORE_INDEX
+def _loss_per_sequence(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy of each sequence, (B,)."""
     out = logits(model, input_ids)
-    return float(F.cross_entropy(out[keep].float(), labels[keep], reduction="sum")) if keep.any() else 0.0
+    out = out.to(torch.promote_types(out.dtype, torch.float32))  # float64 models stay float64
+    ce = F.cross_entropy(out.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+    return ce.double().reshape(labels.shape).sum(-1)
 
 
 class _Capture:
@@ -58,24 +60,24 @@ def _update(model: nn.Module, layers: list[HFLayer], input_ids: torch.Tensor, la
     L = len(layers)
     cap = _Capture(layers)
     try:
-        s = _loss_sum(model, input_ids, labels)
+        s = _loss_per_sequence(model, input_ids, labels)
     finally:
         cap.close()
     if len(cap.pre) != L or len(cap.post) != L:
         raise ValueError(f"{type(model).__name__}: a forward pass ran {len(cap.pre)} of its {L} decoder layers")
-    sums.add_loss(s, int((labels != IGNORE_INDEX).sum()), mask)
+    sums.add_loss(s, (labels != IGNORE_INDEX).sum(-1))
     for layer, hfl in enumerate(layers):
         sums.add_influence(layer, cap.pre[layer], cap.post[layer], mask)
         handle = hfl.target.register_forward_hook(_skip_hook, with_kwargs=True)
         try:
-            sums.add_deleted(layer, _loss_sum(model, input_ids, labels))
+            sums.add_deleted(layer, _loss_per_sequence(model, input_ids, labels))
         finally:
             handle.remove()
     sums.add_last_states([cap.pre[i][rows, last] for i in range(L)] + [cap.post[L - 1][rows, last]])
 
 
-def layer_importance(model: nn.Module, batches: Iterable[Batch],
-                     normalize_rows: bool = False) -> dict[str, pd.DataFrame]:
+def layer_importance(model: nn.Module, batches: Iterable[Batch], normalize_rows: bool = False,
+                     skip_first_position: bool = False) -> dict[str, pd.DataFrame]:
     """Deletion importance, angular distances and block influence of an HF causal LM (instrumented
     here if it is not yet), as :func:`gpas_probe.analysis.importance.layer_importance` returns them
     for our model: keys ``deletion``, ``angular``, ``block_influence``. Batches are
@@ -84,5 +86,6 @@ def layer_importance(model: nn.Module, batches: Iterable[Batch],
     if not layers:
         raise ValueError(f"{type(model).__name__} is not a Hugging Face model; use "
                          f"gpas_probe.analysis.importance.layer_importance")
-    sums = ImportanceSums(len(layers), deletion=True, angular=True, influence=True)
+    sums = ImportanceSums(len(layers), deletion=True, angular=True, influence=True,
+                          skip_first_position=skip_first_position)
     return stream(model, batches, sums, lambda *args: _update(model, layers, *args)).frames(normalize_rows)

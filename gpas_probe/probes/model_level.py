@@ -1,5 +1,5 @@
 """Model-level rows (layer -1, site ``model``): ``loss``, ``val_loss``, ``lr``, ``grad_norm`` (global,
-before clipping), ``tokens``."""
+before clipping), ``tokens``, and ``sequences`` where the driver counts them (a profile's windows)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class ModelStats(StatFamily):
     """
 
     name = "model"
-    STATS = ("loss", "val_loss", "lr", "grad_norm", "tokens")
+    STATS = ("loss", "val_loss", "lr", "grad_norm", "tokens", "sequences")
 
     def __init__(self, model: nn.Module) -> None:
         self.model = model

@@ -268,7 +268,7 @@ class Probe:
         """After ``optimizer.step()``: ``info`` is a :class:`gpas_probe.training.StepInfo` (or any object
         with its ``step``, ``loss``, ``val_loss``, ``lr``, ``grad_norm`` and ``tokens`` attributes)."""
         self._check_bound()
-        values = {k: getattr(info, k, None) for k in ("loss", "val_loss", "lr", "grad_norm", "tokens")}
+        values = {k: getattr(info, k, None) for k in ModelStats.STATS}
         self._complete(info.step, values)
 
     # -- drop-in API -----------------------------------------------------------------------------

@@ -53,15 +53,22 @@ class LoadSpec:
 
 @dataclass(frozen=True)
 class Measurements:
-    """What is measured: ``activations`` (forward/backward statistics of every probe family) and
-    ``importance`` (deletion, angular distance, block influence)."""
+    """What is measured: ``activations`` (forward/backward statistics of every probe family, with 95%
+    intervals) and ``importance`` (deletion, angular distance, block influence, with theirs).
+    ``skip_first_position`` leaves position 0 of every window out of the statistics (and of block
+    influence): the attention sink of trained LLMs; ``outlier_factor`` says which tokens count as
+    outliers (a token RMS above that multiple of the median token's)."""
 
     activations: bool = True
     importance: bool = True
+    skip_first_position: bool = False
+    outlier_factor: float = 10.0
 
     def __post_init__(self) -> None:
         if not (self.activations or self.importance):
             raise ValueError("nothing to profile: both activations and importance are off")
+        if not self.outlier_factor > 1:
+            raise ValueError(f"outlier_factor must be above 1, got {self.outlier_factor}")
 
 
 @dataclass(frozen=True)

@@ -31,23 +31,27 @@ def _counted(batches: Iterable[Any], on_batch: Callable[[], None] | None) -> Ite
             on_batch()  # the consumer asked for the next batch: this one is done
 
 
-def _probe_frame(target: Target, data: EvalData, step: int, run_id: str, sizes: tuple[int, int, int],
-                 val_loss_row: bool, on_batch: Callable[[], None] | None) -> pd.DataFrame:
+def _probe_frame(target: Target, data: EvalData, step: int, run_id: str, config: ProfileConfig,
+                 on_batch: Callable[[], None] | None) -> pd.DataFrame:
     """One probe step pooled over every batch; gradients of the token-mean loss over all of them."""
     model = target.model
-    n_targets = data.num_targets(*sizes)
+    sizes, measure = config.evaluation.sizes, config.measure
+    n_targets, sequences = data.num_targets(*sizes), 0
     device = next(model.parameters()).device
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     was_training = model.training
     model.eval()
     model.zero_grad(set_to_none=True)
-    config = ProbeConfig(every=1, stats=FAMILIES)
+    probes = ProbeConfig(every=1, stats=FAMILIES, intervals=True, skip_first_position=measure.skip_first_position,
+                         outlier_factor=measure.outlier_factor)
     try:
-        with torch.enable_grad(), Probe(model, config=config, schedule=lambda s: True, run_id=run_id) as probe:
+        with torch.enable_grad(), Probe(model, config=probes, schedule=lambda s: True, run_id=run_id) as probe:
             probe.begin_step(step)
             for input_ids, labels, mask in _counted(data.batches(*sizes), on_batch):
                 input_ids, labels, mask = input_ids.to(device), labels.to(device), mask.to(device)
                 probe.set_exclude_mask(~mask)
+                probe.set_tokens(input_ids)
+                sequences += len(input_ids)
                 logits = target.logits(input_ids)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                        reduction="sum")
@@ -55,7 +59,8 @@ def _probe_frame(target: Target, data: EvalData, step: int, run_id: str, sizes: 
                 loss_sum += loss.detach().double()
                 del logits, loss
             val_loss = float(loss_sum) / n_targets
-            probe.end_step(SimpleNamespace(step=step, val_loss=val_loss if val_loss_row else None))
+            probe.end_step(SimpleNamespace(step=step, val_loss=val_loss if not measure.importance else None,
+                                           tokens=n_targets, sequences=sequences))
             frame = probe.frame()
     finally:
         model.zero_grad(set_to_none=True)
@@ -84,9 +89,9 @@ def profile_model(model: nn.Module, data: EvalData, config: ProfileConfig | None
     with target.probed():
         if measure.activations:
             done = (lambda: on_batch("activations")) if on_batch else None
-            frames.append(_probe_frame(target, data, step, run_id, sizes, not measure.importance, done))
+            frames.append(_probe_frame(target, data, step, run_id, config, done))
         if measure.importance:
             done = (lambda: on_batch("importance")) if on_batch else None
-            result = target.importance(_counted(data.batches(*sizes), done))
+            result = target.importance(_counted(data.batches(*sizes), done), measure.skip_first_position)
             frames += [to_long(result[k], run_id, step) for k in ("deletion", "block_influence", "angular")]
     return as_table_frame(pd.concat(frames, ignore_index=True))

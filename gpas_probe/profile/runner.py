@@ -85,6 +85,7 @@ def profile_many(paths: Sequence[str | Path], out: str | Path, config: ProfileCo
                         "seq_len": ev.seq_len},
                "norm": loading.norm, "post_layers": loading.post_layers, "dtype": str(dtype) if dtype else None,
                "device": str(device), "importance": measure.importance, "activations": measure.activations,
+               "skip_first_position": measure.skip_first_position, "outlier_factor": measure.outlier_factor,
                "backend": loading.backend,
                "gradients": "of the token-mean loss over all target tokens of all batches"}
     load_kw = dict(backend=loading.backend, norm=loading.norm, post_layers=loading.post_layers, dtype=dtype,

@@ -26,7 +26,7 @@ class Target(Protocol):
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor: ...
     def max_len(self) -> int | None: ...
-    def importance(self, batches: Iterable[Batch]) -> dict[str, pd.DataFrame]: ...
+    def importance(self, batches: Iterable[Batch], skip_first_position: bool) -> dict[str, pd.DataFrame]: ...
     def probed(self) -> AbstractContextManager[None]: ...
 
 
@@ -42,8 +42,8 @@ class NativeTarget:
     def max_len(self) -> int | None:
         return self.model.config.max_seq_len
 
-    def importance(self, batches: Iterable[Batch]) -> dict[str, pd.DataFrame]:
-        return layer_importance(self.model, batches, normalize_rows=True)
+    def importance(self, batches: Iterable[Batch], skip_first_position: bool) -> dict[str, pd.DataFrame]:
+        return layer_importance(self.model, batches, normalize_rows=True, skip_first_position=skip_first_position)
 
     @contextmanager
     def probed(self) -> Iterator[None]:
@@ -62,8 +62,8 @@ class HFTarget:
     def max_len(self) -> int | None:
         return getattr(self.model.config, "max_position_embeddings", None)
 
-    def importance(self, batches: Iterable[Batch]) -> dict[str, pd.DataFrame]:
-        return hf_layer_importance(self.model, batches, normalize_rows=True)
+    def importance(self, batches: Iterable[Batch], skip_first_position: bool) -> dict[str, pd.DataFrame]:
+        return hf_layer_importance(self.model, batches, normalize_rows=True, skip_first_position=skip_first_position)
 
     @contextmanager
     def probed(self) -> Iterator[None]:

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import ratio_bounds
 
 from gpas_probe.analysis.importance import (
     angular_distances,
@@ -72,18 +73,31 @@ def _sum_loss(model: Transformer, ids: torch.Tensor, labels: torch.Tensor) -> tu
         return float(model(ids, labels).loss) * n, n
 
 
-def _delete_and_rerun(model: Transformer, batches) -> tuple[float, list[float]]:
-    """Token-weighted losses of the full model and of true copies with one layer removed."""
-    def mean_loss(m: Transformer) -> float:
-        parts = [_sum_loss(m, ids, labels) for ids, labels in batches]
+def _sequence_losses(model: Transformer, batches) -> list[tuple[float, int]]:
+    """(summed loss, targets) of every sequence with at least one target, batch by batch."""
+    out = []
+    for ids, labels in batches:
+        for row in range(len(ids)):
+            if (labels[row] != IGNORE_INDEX).any():
+                out.append(_sum_loss(model, ids[row:row + 1], labels[row:row + 1]))
+    return out
+
+
+def _delete_and_rerun(model: Transformer, batches) -> tuple[float, list[float], list[tuple[float, float]]]:
+    """Token-weighted losses of the full model and of true copies with one layer removed, and each
+    deletion's 95% interval from the per-sequence loss differences."""
+    def mean_loss(parts: list[tuple[float, int]]) -> float:
         return sum(s for s, _ in parts) / sum(n for _, n in parts)
 
-    deleted = []
+    full = _sequence_losses(model, batches)
+    deleted, bounds = [], []
     for layer in range(len(model.layers)):
         m = copy.deepcopy(model)
         del m.layers[layer]
-        deleted.append(mean_loss(m))
-    return mean_loss(model), deleted
+        parts = _sequence_losses(m, batches)
+        deleted.append(mean_loss(parts))
+        bounds.append(ratio_bounds([d - b for (d, _), (b, _) in zip(parts, full, strict=True)], [n for _, n in full]))
+    return mean_loss(full), deleted, bounds
 
 
 def _states(model: Transformer, ids: torch.Tensor) -> list[torch.Tensor]:
@@ -119,15 +133,18 @@ def test_forward_skipping_without_skips_is_the_model() -> None:
 def test_prefix_reuse_equals_delete_and_rerun(scheme: dict) -> None:
     model = _model(**scheme)
     batches = _batches()
-    base, deleted = _delete_and_rerun(model, batches)
+    base, deleted, bounds = _delete_and_rerun(model, batches)
     fast = deletion_importance(model, iter(batches))  # a one-shot iterator: the pass streams
     slow = naive_deletion_importance(model, batches)
-    assert list(fast.columns) == ["layer", "loss_deleted", "base_loss", "delta"]
+    assert list(fast.columns) == ["layer", "loss_deleted", "base_loss", "delta", "delta_lo", "delta_hi"]
     assert fast["layer"].tolist() == list(range(6))
     for df in (fast, slow):
         np.testing.assert_allclose(df["base_loss"], base, rtol=1e-5)
         np.testing.assert_allclose(df["loss_deleted"], deleted, rtol=1e-5)
         np.testing.assert_allclose(df["delta"], np.array(deleted) - base, atol=2e-5)
+        np.testing.assert_allclose(df["delta_lo"], [lo for lo, _ in bounds], atol=5e-5)
+        np.testing.assert_allclose(df["delta_hi"], [hi for _, hi in bounds], atol=5e-5)
+    assert (fast["delta_lo"] < fast["delta"]).all() and (fast["delta"] < fast["delta_hi"]).all()
     # deleting a layer changes the loss: the reference is not trivially the base
     assert (fast["delta"].abs() > 1e-4).all()
 
@@ -171,10 +188,10 @@ def test_bad_batches_are_rejected_and_training_mode_restored() -> None:
 # -------------------------------------------------------------------------------------------- angular
 
 
-def _angular_by_hand(model: Transformer, batches, use_mask: bool) -> dict[tuple[int, int], float]:
+def _angular_by_hand(model: Transformer, batches, use_mask: bool) -> dict[tuple[int, int], list[float]]:
+    """Per (start, n): the angular distance at each sequence's last real token, sequence by sequence."""
     L = len(model.layers)
-    sums: dict[tuple[int, int], float] = {}
-    count = 0
+    per_sequence: dict[tuple[int, int], list[float]] = {}
     for batch in batches:
         ids, labels = batch[0], batch[1]
         real = batch[2] if use_mask else labels != IGNORE_INDEX
@@ -183,12 +200,12 @@ def _angular_by_hand(model: Transformer, batches, use_mask: bool) -> dict[tuple[
             positions = [t for t in range(ids.shape[1]) if real[b, t]]
             if not positions:
                 continue
-            t, count = positions[-1], count + 1
+            t = positions[-1]
             for start in range(L):
                 for n in range(1, L - start + 1):
                     c = min(1.0, max(-1.0, _cos(hs[start][b, t], hs[start + n][b, t])))
-                    sums[start, n] = sums.get((start, n), 0.0) + math.acos(c) / math.pi
-    return {k: v / count for k, v in sums.items()}
+                    per_sequence.setdefault((start, n), []).append(math.acos(c) / math.pi)
+    return per_sequence
 
 
 @pytest.mark.parametrize("use_mask", [False, True])
@@ -201,11 +218,13 @@ def test_angular_distances_by_hand(use_mask: bool) -> None:
         batches[0][2][:, 0] = True
     want = _angular_by_hand(model, batches, use_mask)
     df = angular_distances(model, batches)
-    assert list(df.columns) == ["layer", "n", "distance"]
-    got = {(int(r.layer), int(r.n)): r.distance for r in df.itertuples()}
+    assert list(df.columns) == ["layer", "n", "distance", "distance_lo", "distance_hi"]
+    got = {(int(r.layer), int(r.n)): r for r in df.itertuples()}
     assert set(got) == set(want) == {(lo, n) for lo in range(6) for n in range(1, 7 - lo)}
-    for key, value in want.items():
-        assert got[key] == pytest.approx(value, abs=1e-6), key
+    for key, values in want.items():
+        lo, hi = ratio_bounds(values, [1.0] * len(values))
+        assert got[key].distance == pytest.approx(sum(values) / len(values), abs=1e-6), key
+        assert (got[key].distance_lo, got[key].distance_hi) == pytest.approx((lo, hi), abs=1e-6), key
     assert ((df["distance"] >= 0) & (df["distance"] <= 1)).all()
 
 
@@ -237,20 +256,30 @@ def test_angular_rows_normalized_min_max() -> None:
 # ------------------------------------------------------------------------------------- block influence
 
 
-def test_block_influence_by_hand() -> None:
+@pytest.mark.parametrize("skip_first", [False, True])
+def test_block_influence_by_hand(skip_first: bool) -> None:
     model = _model(norm="post")
     batches = _batches()
     L = len(model.layers)
-    sums, count = [0.0] * L, 0
+    per_sequence: list[tuple[list[float], int]] = []  # (summed cosine per layer, tokens) of each sequence
     for ids, labels in batches:
         hs = _states(model, ids)
-        for b, t in (labels != IGNORE_INDEX).nonzero().tolist():
-            count += 1
-            for layer in range(L):
-                sums[layer] += _cos(hs[layer][b, t], hs[layer + 1][b, t])
-    df = block_influence(model, batches)
-    assert list(df.columns) == ["layer", "influence"]
-    np.testing.assert_allclose(df["influence"], [1 - s / count for s in sums], atol=1e-6)
+        for b in range(len(ids)):
+            positions = [t for t in range(ids.shape[1]) if labels[b, t] != IGNORE_INDEX and (t or not skip_first)]
+            sums = [sum(_cos(hs[layer][b, t], hs[layer + 1][b, t]) for t in positions) for layer in range(L)]
+            if positions:  # a sequence without a counted token carries no information
+                per_sequence.append((sums, len(positions)))
+    n = [count for _, count in per_sequence]
+    if skip_first:
+        df = layer_importance(model, batches, skip_first_position=True)["block_influence"]
+    else:
+        df = block_influence(model, batches)
+    assert list(df.columns) == ["layer", "influence", "influence_lo", "influence_hi"]
+    for layer in range(L):
+        cos = [sums[layer] for sums, _ in per_sequence]
+        lo, hi = ratio_bounds(cos, n)
+        assert df["influence"][layer] == pytest.approx(1 - sum(cos) / sum(n), abs=1e-6)
+        assert (df["influence_lo"][layer], df["influence_hi"][layer]) == pytest.approx((1 - hi, 1 - lo), abs=1e-6)
 
 
 def test_one_pass_matches_the_separate_analyses() -> None:
@@ -322,17 +351,23 @@ def test_to_long() -> None:
     assert len(base) == 1 and base["layer"].item() == -1 and base["site"].item() == "model"
     assert base["value"].item() == out["deletion"]["base_loss"].iloc[0]
 
+    for stat in ("deletion_delta_lo", "deletion_delta_hi"):
+        np.testing.assert_array_equal(dele[dele["stat"] == stat]["value"], out["deletion"][stat.split("_", 1)[1]])
+
     bi = to_long(out["block_influence"], "run-a", 7)
     _check_schema(bi)
-    assert set(bi["stat"]) == {"block_influence"} and len(bi) == 4
+    assert set(bi["stat"]) == {"block_influence", "block_influence_lo", "block_influence_hi"} and len(bi) == 12
+    np.testing.assert_array_equal(bi[bi["stat"] == "block_influence_hi"]["value"],
+                                  out["block_influence"]["influence_hi"])
 
     ang = to_long(out["angular"], "run-a", 7)
     _check_schema(ang)
-    assert len(ang) == 2 * len(out["angular"])
+    assert len(ang) == 4 * len(out["angular"])
     row = ang[(ang["site"] == "angular_n2") & (ang["layer"] == 1) & (ang["stat"] == "angular_distance")]
     want = out["angular"].query("n == 2 and layer == 1")["distance"].item()
     assert row["value"].item() == want
-    assert set(ang["stat"]) == {"angular_distance", "angular_distance_norm"}
+    assert set(ang["stat"]) == {"angular_distance", "angular_distance_lo", "angular_distance_hi",
+                                "angular_distance_norm"}
 
     over = importance_over_training([(3, model), (9, model)], _batches)
     long = to_long(over, "run-b")

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from gpas_probe.checkpoints import step_checkpoints
 from gpas_probe.cli.profile import profile_cmd
-from gpas_probe.store import load_run
+from gpas_probe.store import load_run, read_meta
 
 runner = CliRunner()
 
@@ -44,13 +44,23 @@ def test_cli_profile_end_to_end(run, short_text, tmp_path) -> None:
     frame = load_run(out / "myrun")
     assert sorted(frame["step"].unique()) == [2, 4]
     imp = frame[frame["site"].str.startswith(("importance", "angular_n"))]
+    intervals = {f"{stat}_{end}" for stat in ("deletion_delta", "block_influence", "angular_distance")
+                 for end in ("lo", "hi")}
     assert set(imp["stat"]) == {"deletion_delta", "deletion_loss", "block_influence", "angular_distance",
-                                "angular_distance_norm"}
+                                "angular_distance_norm"} | intervals
     assert (imp["direction"] == "none").all() and imp["layer"].between(0, 3).all()
     res = runner.invoke(_app(), args)
     assert res.exit_code == 2 and "already exists" in res.output and "Traceback" not in res.output
     assert runner.invoke(_app(), args + ["--overwrite", "--latest", "--dtype", "bf16"]).exit_code == 0
     assert set(load_run(out / "myrun")["step"]) == {4}
+    # --skip-first-position: position 0 of every window is left out, and the profile says so
+    res = runner.invoke(_app(), args + ["--overwrite", "--latest", "--skip-first-position", "--outlier-factor", "4"])
+    assert res.exit_code == 0, res.output
+    meta = read_meta(out / "myrun")["profile"]
+    assert (meta["skip_first_position"], meta["outlier_factor"]) == (True, 4.0)
+    frame = load_run(out / "myrun")
+    pos0 = frame[(frame["stat"] == "outlier_pos0_frac")]
+    assert len(pos0) and (pos0["value"] == 0).all()  # position 0 is not kept, so it is never an outlier
 
 
 def _bad(kind: str, src, tmp_path):
