@@ -10,47 +10,57 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from gpas_probe.analysis.diagnosis import SIGNALS, Diagnosis, Thresholds, diagnose_runs
+from gpas_probe.analysis.diagnosis import SIGNAL_NAMES, Diagnosis, Thresholds, diagnose_runs
 from gpas_probe.cli.common import console, friendly_errors
 from gpas_probe.store import load_runs
 
 _DEFAULTS = Thresholds()
 Opt = typer.Option
 
-#: signal -> (column shown, header, format)
+#: signal -> (column shown, header, format); causal ones with their bounds
 _SHOWN = {
+    "deletion": ("deletion_delta", "deletion Δloss [95%]", "{:.3g}"),
+    "angular": ("angular", "angle to next [95%]", "{:.3f}"),
     "variance": ("var_rel", "var / layer 0", "{:.3g}"),
     "ratio": ("ratio", "shortcut/branch", "{:.3g}"),
     "grad": ("grad_rel", "grad / shallow", "{:.3g}"),
-    "deletion": ("deletion_delta", "deletion Δloss", "{:.3g}"),
-    "angular": ("angular", "angular to next", "{:.3f}"),
 }
-_VERDICT_STYLE = {"underuse": "bold red", "ok": "bold green", "insufficient data": "bold yellow"}
+_BOUNDS = {"deletion": ("deletion_lo", "deletion_hi"), "angular": ("angular_lo", "angular_hi")}
+_VERDICT_STYLE = {"underuse": "bold red", "ok": "bold green", "inconclusive": "bold yellow",
+                  "insufficient data": "bold yellow"}
+_STATUS_STYLE = {"underused": "bold red", "used": "green", "inconclusive": "yellow", "no evidence": "dim"}
 
 
-def _cell(value: float, fmt: str, flagged: bool) -> str:
-    if value != value:  # NaN
-        return "-"
-    text = fmt.format(value)
-    return f"[bold red]{text}[/]" if flagged else text
+def _num(value: float, fmt: str) -> str:
+    return "-" if value != value else fmt.format(value)
+
+
+def _cell(row: object, signal: str, bold: bool) -> str:
+    column, _, fmt = _SHOWN[signal]
+    text = _num(getattr(row, column), fmt)
+    if signal in _BOUNDS:
+        lo, hi = (getattr(row, c) for c in _BOUNDS[signal])
+        if lo == lo and hi == hi:
+            text += f" [{fmt.format(lo)}, {fmt.format(hi)}]"
+    return f"[bold]{text}[/]" if bold and text != "-" else text
 
 
 def _table(d: Diagnosis) -> Table:
     used = d.summary["signals_used"]
-    table = Table(title=f"{d.run_id}: evidence per layer (red = fires; the deep half below the rule)",
+    decided = d.summary["decided_by"]
+    table = Table(title=f"{d.run_id}: evidence per layer (bold: what decided; the deep half below the rule)",
                   title_justify="left")
     table.add_column("layer", justify="right")
     for s in used:
-        _, header, _ = _SHOWN[s]
-        table.add_column(header, justify="right")
-    table.add_column("flags", justify="right")
-    table.add_column("underused", justify="center")
+        table.add_column(_SHOWN[s][1], justify="right")
+    table.add_column("status", justify="left")
     first_deep = min(d.summary["deep_layers"], default=None)
     for row in d.layers.itertuples(index=False):
-        cells = [_cell(getattr(row, _SHOWN[s][0]), _SHOWN[s][2], bool(getattr(row, f"flag_{s}"))) for s in used]
-        table.add_row(str(row.layer), *cells, f"{row.flags}/{row.signals}",
-                      "[bold red]yes[/]" if row.underused else "",
-                      end_section=first_deep is not None and row.layer == first_deep - 1)
+        cells = [_cell(row, s, s == decided or (decided == "correlational" and bool(getattr(row, f"flag_{s}"))))
+                 for s in used]
+        status = f"[{_STATUS_STYLE[row.status]}]{row.status}[/]"
+        last_shallow = first_deep is not None and row.layer == first_deep - 1
+        table.add_row(str(row.layer), *cells, status, end_section=last_shallow)
     return table
 
 
@@ -58,32 +68,49 @@ def _fmt(v: object) -> str:
     return "-" if isinstance(v, float) and not math.isfinite(v) else (f"{v:.4g}" if isinstance(v, float) else str(v))
 
 
+def _confidence(s: dict) -> str:
+    c = s["confidence"]
+    if not c["intervals"]:
+        return "no intervals recorded: values taken as exact"
+    counts = [f"{int(v):,} {name}" for name, v in (("sequences", c["sequences"]), ("tokens", c["tokens"]))
+              if isinstance(v, float) and math.isfinite(v)]
+    return "95% intervals" + (f" from {', '.join(counts)}" if counts else "")
+
+
 def _report(d: Diagnosis) -> None:
     s = d.summary
     if s["signals_used"]:
         console.print(_table(d))
+    for finding in s["findings"].values():
+        console.print(f"[bold]finding:[/] {finding['text']}", highlight=False)
     g = s["growth_factor"]
     if isinstance(g, float) and math.isfinite(g):
         console.print(f"variance growth: ×{g:.4g} per layer (fit log var = a + b·layer, b = {s['growth_rate']:.4g}, "
                       f"R² = {_fmt(s['growth_r2'])}); deep-quarter shortcut/branch ratio {_fmt(s['deep_ratio'])}",
                       highlight=False)
     steps = ", ".join(f"{k} @ step {v}" for k, v in s["steps"].items())
-    console.print(f"signals: {steps or 'none'}" + (" (angular from block influence)"
-                                                    if s["angular_source"] == "block_influence" else ""),
-                  highlight=False)
+    read = ", ".join(f"{k}: {v}" for k, v in s["statistics_read"].items())
+    console.print(f"signals: {steps or 'none'}" + (f" (read: {read})" if read else ""), highlight=False)
     for name, why in s["signals_missing"].items():
         console.print(f"  missing {name}: {why}", highlight=False)
     deep = s["deep_layers"]
     n_deep = sum(1 for layer in s["underused_layers"] if layer in deep)
+    n_open = sum(1 for layer in s["inconclusive_layers"] if layer in deep)
     style = _VERDICT_STYLE[d.verdict]
     if d.verdict == "insufficient data":
         detail = "no per-layer signal recorded" if not s["signals_used"] else "fewer than two layers"
     else:
-        th = s["thresholds"]
-        detail = (f"{n_deep} of {len(deep)} deep layers ({100 * s['fraction_underused']:.0f}%) underused; "
-                  f"a layer is underused when {s['flags_needed']} of its {len(s['signals_used'])} signals fire, "
-                  f"the run when {100 * th['min_fraction']:.0f}% of the deep half is")
+        tau = ", ".join(f"{k} below {v:.3g}" for k, v in s["thresholds_used"].items())
+        detail = (f"{n_deep} of {len(deep)} deep layers underused, {n_open} inconclusive (underuse needs "
+                  f"{s['layers_needed']}); decided by {s['decided_by']}")
+        if s["causal"]:
+            detail += f" ({tau}; {_confidence(s)})"
+        else:
+            detail += (" alone: no deletion or angular distance was recorded, so this rests on correlational "
+                       "signals; profile a checkpoint (gpas-probe profile) for causal evidence")
     console.print(f"[{style}]verdict: {d.verdict}[/] — {detail}", highlight=False)
+    if s["advice"]:
+        console.print(f"to settle it: {s['advice']}", highlight=False)
 
 
 @friendly_errors
@@ -107,8 +134,9 @@ def diagnose_cmd(
                                                   f"(default {_DEFAULTS.min_angular})...")] = None,
     min_angular_rel: Annotated[float | None, Opt(help="... or below this fraction of the median layer's "
                                                       f"(default {_DEFAULTS.min_angular_rel}).")] = None,
-    min_flags: Annotated[int | None, Opt(help="Signals that must fire for a layer to be underused (default: a "
-                                              "majority of those recorded, at least 2).")] = None,
+    min_flags: Annotated[int | None, Opt(help="Without causal evidence (a training run): correlational signals that "
+                                              "must fire for a layer to be underused (default: half of those "
+                                              "recorded, at least 2).")] = None,
     min_fraction: Annotated[float | None, Opt(help="Fraction of the deep half that must be underused for the "
                                                    f"'underuse' verdict (default {_DEFAULTS.min_fraction}).")] = None,
 ) -> None:
@@ -119,9 +147,9 @@ def diagnose_cmd(
     thresholds = Thresholds(**{k: v for k, v in overrides.items() if v is not None})
     results = diagnose_runs(load_runs(runs), thresholds, step)
     verdicts = [d.verdict for d in results.values()]
-    overall = next((v for v in ("underuse", "ok") if v in verdicts), "insufficient data")
+    overall = next(v for v in ("underuse", "inconclusive", "ok", "insufficient data") if v in verdicts)
     if json_out:
-        typer.echo(json.dumps({"verdict": overall, "signals": list(SIGNALS),
+        typer.echo(json.dumps({"verdict": overall, "signals": list(SIGNAL_NAMES),
                                "runs": [d.to_dict() for d in results.values()]}, indent=2))
     else:
         for i, d in enumerate(results.values()):

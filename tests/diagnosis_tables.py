@@ -16,10 +16,27 @@ def _rows(run: str, step: int, layer, site: str, direction: str, stat: str, valu
 
 
 def table(run: str = "r", step: int = 100, *, var=None, ratio=None, grad=None, deletion=None, angular=None,
-          influence=None, loss: float = 3.0) -> pd.DataFrame:
-    """A long table with the given per-layer evidence (None leaves a signal out) and a model loss row."""
+          influence=None, loss: float = 3.0, half_width=None, tokens: float | None = None,
+          var_robust=None) -> pd.DataFrame:
+    """A long table with the given per-layer evidence (None leaves a signal out) and a model loss row.
+    ``half_width`` adds 95% bounds ``value ± half_width`` to deletion, angular distance and block influence
+    (a profile's); ``tokens`` a model-level evaluation token count; ``var_robust`` the variance without
+    outlier tokens."""
     layers = np.arange(L)
     parts = [_rows(run, step, -1, "model", "none", "loss", [loss])]
+    if tokens is not None:
+        parts.append(_rows(run, step, -1, "model", "none", "tokens", [tokens]))
+    bounded = {"deletion_delta": deletion, "angular_distance": angular, "block_influence": influence}
+    if half_width is not None:
+        for stat, value in bounded.items():
+            if value is None:
+                continue
+            site = "angular_n1" if stat == "angular_distance" else "importance"
+            for end, sign in (("lo", -1), ("hi", 1)):
+                parts.append(_rows(run, step, layers, site, "none", f"{stat}_{end}",
+                                   np.asarray(value, dtype=float) + sign * np.asarray(half_width, dtype=float)))
+    if var_robust is not None:
+        parts.append(_rows(run, step, layers, "resid_post", "fwd", "var_robust", var_robust))
     if var is not None:
         parts.append(_rows(run, step, layers, "resid_post", "fwd", "var", var))
         parts.append(_rows(run, step, layers, "resid_post", "bwd", "var", np.full(L, 1e-6)))  # must be ignored

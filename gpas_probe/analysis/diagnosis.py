@@ -1,44 +1,38 @@
-"""A verdict on deep-layer underuse, with the evidence per layer (``gpas-probe diagnose``).
+"""A verdict on deep-layer underuse, with the evidence per layer and its confidence (``gpas-probe diagnose``).
 
 The paper's framing (DESIGN §8): in a Pre-LN Transformer the residual stream's variance grows with
-depth, so in deep layers the shortcut drowns the sub-layer's output; those layers then move the
-stream little (a near-identity map), deleting them costs little loss, and their parameters receive
-comparatively small gradients. Each symptom is one *signal*, read from the long probe table at one
-step per signal (``step=`` if given, else the last step at which that signal was recorded):
+depth, so in deep layers the shortcut drowns the sub-layer's output; such a layer moves the stream little
+and deleting it costs little loss. The evidence (:mod:`gpas_probe.analysis.evidence`) is read at one
+step per signal (``step=`` if given, else the last step each was recorded).
 
-============ ======================================================= ==============================
-signal       per-layer evidence (columns of :attr:`Diagnosis.layers`) fires when
-============ ======================================================= ==============================
-variance     ``var``: ``var`` of ``resid_post`` (fwd); ``var_rel``:   ``var_rel > max_var_rel``
-             ``var`` divided by layer 0's
-ratio        ``ratio``: shortcut/branch RMS ratio (fwd), mean of the  ``ratio > max_ratio``
-             ``attn`` and ``mlp`` sub-layers
-grad         ``grad_norm``: parameter gradient norm (site ``params``) ``grad_rel < min_grad_rel``
-             ``grad_rel``: divided by the median of the shallow half
-deletion     ``deletion_delta``: loss increase when the layer is      ``delta < min_deletion`` or
-             deleted (site ``importance``, profiles only)             ``delta < min_deletion_rel ×
-                                                                      median over layers``
-angular      ``angular``: ``arccos(cos(h_l, h_{l+1}))/π`` (site       ``angular < min_angular`` or
-             ``angular_n1``, profiles only); without it, the angle    ``angular < min_angular_rel ×
-             equivalent ``arccos(1 - block_influence)/π``            median over layers``
-============ ======================================================= ==============================
+**Causal evidence decides.** A profile measures the loss increase when each layer is deleted
+(``deletion``) and the angle each layer turns the stream by (``angular``), each with its 95% interval.
+A layer's value is *low* when its whole interval lies below the threshold ``τ = max(absolute,
+relative × median over layers)``, *high* when it lies at or above, *unclear* otherwise. The layer is:
 
-A training run has variance, ratio and gradient rows but no importance; a ``gpas-probe profile``
-folder has all five. Missing signals are left out of the vote and named in
-``summary['signals_missing']``; an absent evidence column holds NaN and its flag is False.
+- ``used`` when its deletion cost is high, and always when it lies clearly (its lower bound) above the
+  median layer's, in the top half of the model;
+- ``underused`` when its deletion cost is low;
+- ``inconclusive`` when the interval straddles the threshold.
 
-Rule: a layer is *underused* when at least ``needed`` of its available signals fire, where
-``needed = min_flags`` if set, else ``min(k, max(2, ceil(k / 2)))`` for ``k`` available signals: at
-least half of them, and never a single symptom when two or more were measured (each symptom has
-innocent causes on its own: a Pre-LN stream that sums ``l`` healthy branches already has a ratio near
-``sqrt(l)``, and the first layers often make a large variance jump). The *verdict* is
-``'underuse'`` when at least ``min_fraction`` (default 25%) of the deep half (layers
-``L // 2 .. L - 1``) is underused, ``'ok'`` otherwise, and ``'insufficient data'`` when fewer than
-two layers or no per-layer signal was recorded.
+Deletion decides where it was measured; the angular distance where it alone was (for instance when
+only block influence, ``1 - cos``, was recorded: its angle equivalent is used). Without intervals (older
+profiles) the values count as exact.
 
-Model level (in :attr:`Diagnosis.summary`): the variance growth rate ``b`` of the least-squares fit
-``log(var_l) = a + b·l`` over layers (``growth_factor = exp(b)`` per layer, ``growth_r2`` its R²),
-and ``deep_ratio``, the mean ratio over the deepest quarter.
+**Correlational evidence explains**, and decides only when nothing causal was measured (a training
+run), then by vote and said so: ``variance`` (the layer's output variance over layer 0's, above
+``max_var_rel``), ``ratio`` (shortcut/branch RMS, above ``max_ratio``) and ``grad`` (parameter
+gradient norm over the shallow half's median, below ``min_grad_rel``) fire, each read without outlier
+tokens where recorded; a layer is underused when ``min_flags`` fire (default: at least half of those
+available, and at least two).
+
+**Verdict.** Of the deep half (layers ``L // 2 .. L - 1``) at least ``need = ceil(min_fraction × deep)``
+layers must be underused for ``'underuse'``; if even counting every inconclusive deep layer as underused
+stays below ``need`` it is ``'ok'``; otherwise ``'inconclusive'``, with how many evaluation tokens would
+settle it (the intervals narrow as ``1 / sqrt(tokens)``). ``'insufficient data'`` without per-layer
+evidence. Findings (sink tokens and massive activations, :mod:`gpas_probe.analysis.findings`) are
+reported beside the verdict; the variance growth fit ``log var_l = a + b·l`` and the deep-quarter ratio
+describe the model.
 """
 
 from __future__ import annotations
@@ -52,36 +46,31 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from gpas_probe.analysis.evidence import INFLUENCE, SIGNALS, Evidence, model_value, read, read_angular
+from gpas_probe.analysis.findings import massive_activations
 from gpas_probe.store.schema import check_table
-from gpas_probe.table import layer_rows, select
 
 log = logging.getLogger(__name__)
 
-SIGNALS = ("variance", "ratio", "grad", "deletion", "angular")
-VERDICTS = ("underuse", "ok", "insufficient data")
-EVIDENCE_COLUMNS = ("var", "var_rel", "ratio", "grad_norm", "grad_rel", "deletion_delta", "angular",
-                    "block_influence")
+SIGNAL_NAMES = tuple(s.name for s in SIGNALS)
+VERDICTS = ("underuse", "ok", "inconclusive", "insufficient data")
+STATUSES = ("underused", "used", "inconclusive", "no evidence")
 
 
 @dataclass
 class Thresholds:
-    """When a signal fires, and how many must fire. Defaults and the reasons for them:
+    """When a signal counts as low or fires, and how much of the deep half decides. Defaults:
 
-    - ``max_var_rel = 4.0``: the layer's output variance is over 4× that of layer 0 (its RMS twice):
-      each later branch is then added to a stream at least twice as large as the first one's.
-    - ``max_ratio = 10.0``: the shortcut's RMS is over 10× the branch's, so the branch turns the stream
-      by at most ~6° (``atan(1/10)``) even when orthogonal to it. (A Pre-LN stream that merely sums
-      ``l`` independent branches of equal size has a ratio near ``sqrt(l)``, under 10 up to ~100
-      layers; a ratio beyond that needs the variance growth the paper describes.)
-    - ``min_grad_rel = 0.5``: the layer's parameter gradient norm is under half the shallow half's
-      median (the paper's 1B Pre-LN layers get 0.05–0.1, up to 0.5 with GPAS; DESIGN §8.5).
     - ``min_deletion = 0.01`` nats, ``min_deletion_rel = 0.25``: deleting the layer costs under 0.01
-      nats/token, or under a quarter of the median layer's cost.
+      nats/token, or under a quarter of the median layer's cost;
     - ``min_angular = 0.05``, ``min_angular_rel = 0.5``: the layer turns its input by under 9°
-      (``cos > 0.988``, a near-identity map), or by under half of the median layer's angle.
-    - ``min_flags = None``: the at-least-half rule of the module doc; an integer fixes the count.
-    - ``min_fraction = 0.25``: the verdict is ``'underuse'`` when a quarter of the deep half is
-      underused (the paper's claim is about the deepest layers, not all of them).
+      (``cos > 0.988``), or by under half of the median layer's angle;
+    - ``max_var_rel = 4.0``: the layer's output variance is over 4× layer 0's;
+    - ``max_ratio = 10.0``: the shortcut's RMS is over 10× the branch's (a branch then turns the stream
+      by at most ~6°; a stream that merely sums ``l`` equal branches has a ratio near ``sqrt(l)``);
+    - ``min_grad_rel = 0.5``: the layer's gradient norm is under half the shallow half's median;
+    - ``min_flags = None``: the correlational vote's count (default: half of those available, at least 2);
+    - ``min_fraction = 0.25``: the share of the deep half that must be underused.
     """
 
     max_var_rel: float = 4.0
@@ -109,7 +98,7 @@ class Thresholds:
             raise ValueError("threshold min_deletion must be a number, got nan")
 
     def needed(self, available: int) -> int:
-        """How many of ``available`` signals must fire for a layer to count as underused."""
+        """How many of ``available`` correlational signals must fire for a layer to count as underused."""
         if self.min_flags is not None:
             return self.min_flags
         return min(available, max(2, math.ceil(available / 2)))
@@ -120,12 +109,13 @@ class Thresholds:
 
 @dataclass
 class Diagnosis:
-    """One run's verdict (``'underuse'``, ``'ok'`` or ``'insufficient data'``) and its evidence.
+    """One run's verdict (:data:`VERDICTS`) and its evidence.
 
-    ``layers``: one row per layer with the evidence columns (NaN where not recorded), a boolean
-    ``flag_<signal>`` per signal, ``signals`` (available at this layer), ``flags`` (fired),
-    ``underused``. ``summary``: model-level numbers, the signals used and missing, the step each
-    signal was read at, and the thresholds (see the module doc).
+    ``layers``: one row per layer: the causal evidence with its bounds (``deletion_delta``,
+    ``deletion_lo``, ``deletion_hi``, ``angular`` ...), the correlational evidence and its ``flag_*``,
+    ``status`` (:data:`STATUSES`) and what decided it (``decided_by``). ``summary``: what decided the
+    verdict, the confidence, the advice when inconclusive, the findings, the signals used and missing,
+    the steps read, the thresholds and the model-level numbers (see the module doc).
     """
 
     run_id: str
@@ -160,24 +150,6 @@ def _json_value(v: Any) -> Any:
     return str(v) if not isinstance(v, str) else v
 
 
-# ------------------------------------------------------------------------------------------ evidence
-
-
-def _profile(data: pd.DataFrame, sites: list[str], stat: str, direction: str | None,
-             step: int | None) -> tuple[pd.Series, int | None, str | None]:
-    """Mean value per layer at ``step`` (default the last step with rows), the step, and why it is empty."""
-    rows = layer_rows(select(data, stat=stat, site=sites, direction=direction))
-    what = f"no {stat!r} rows at {'/'.join(sites)}"
-    if rows.empty:
-        return pd.Series(dtype=float), None, what
-    chosen = int(rows["step"].max()) if step is None else int(step)
-    rows = rows[rows["step"].to_numpy() == chosen]
-    if rows.empty:
-        return pd.Series(dtype=float), None, f"{what} at step {chosen}"
-    by_layer = rows.groupby(rows["layer"].astype(int))["value"].mean()
-    return by_layer.astype(float), chosen, None
-
-
 def fit_growth(layers: np.ndarray, var: np.ndarray) -> tuple[float, float, float]:
     """Least-squares ``log(var) = a + b·layer`` over positive finite values: ``(b, a, r2)``, NaN below 2 points."""
     layers, var = np.asarray(layers, dtype=float), np.asarray(var, dtype=float)
@@ -193,13 +165,58 @@ def fit_growth(layers: np.ndarray, var: np.ndarray) -> tuple[float, float, float
     return float(b), float(a), r2
 
 
-def _below(values: pd.Series, absolute: float, relative: float) -> pd.Series:
-    """``values < absolute`` or ``values < relative × median(values)``; NaN never fires."""
-    median = float(values.median()) if values.notna().any() else math.nan
-    fire = values < absolute
-    if math.isfinite(median):
-        fire |= values < relative * median
-    return fire & values.notna()
+# ------------------------------------------------------------------------------------------ the rule
+
+
+def causal_level(ev: Evidence, absolute: float, relative: float, index: pd.Index) -> tuple[pd.Series, float]:
+    """Per layer ``'low'``, ``'high'``, ``'unclear'`` or ``''`` (not measured) against the threshold of the
+    module doc, which is returned with it; without bounds a value counts as exact."""
+    value = ev.value.reindex(index)
+    lo, hi = ev.lo.reindex(index).fillna(value), ev.hi.reindex(index).fillna(value)
+    median = float(value.median()) if value.notna().any() else math.nan
+    tau = max(absolute, relative * median) if math.isfinite(median) else absolute
+    level = pd.Series("", index=index, dtype=object)
+    level[value.notna()] = "unclear"
+    level[hi < tau] = "low"
+    level[(lo >= tau) | (lo > median)] = "high"  # clearly in the top half: never underused
+    return level, tau
+
+
+def _vote(table: pd.DataFrame, th: Thresholds, used: list[str]) -> pd.Series:
+    """The correlational vote per layer (module doc): True = underused."""
+    fires = {"variance": table["var_rel"] > th.max_var_rel, "ratio": table["ratio"] > th.max_ratio,
+             "grad": table["grad_rel"] < th.min_grad_rel}
+    columns = {"variance": "var_rel", "ratio": "ratio", "grad": "grad_rel"}
+    available = np.zeros(len(table), dtype=int)
+    for name, fire in fires.items():
+        has = table[columns[name]].notna().to_numpy() & (name in used)
+        table[f"flag_{name}"] = fire.fillna(False).to_numpy(dtype=bool) & has
+        available += has
+    table["signals"] = available
+    table["flags"] = table[[f"flag_{s}" for s in fires]].sum(axis=1).astype(int)
+    needed = np.array([th.needed(k) for k in available], dtype=int)
+    return pd.Series((available > 0) & (table["flags"].to_numpy() >= needed), index=table.index)
+
+
+def _advice(table: pd.DataFrame, deep: pd.Series, tokens: float) -> tuple[str | None, int | None]:
+    """How many evaluation tokens would settle the inconclusive deep layers (half-widths shrink as
+    ``1 / sqrt(tokens)``), or None without a token count."""
+    rows = table[deep & (table["status"] == "inconclusive")]
+    factors = []
+    for row in rows.itertuples(index=False):
+        value, lo, hi, tau = row.decided_value, row.decided_lo, row.decided_hi, row.decided_tau
+        gap, half = abs(value - tau), (hi - lo) / 2
+        # aim for a half-width of half the gap to the threshold
+        factors.append(4 * (half / gap) ** 2 if gap > 0 and math.isfinite(half) else math.inf)
+    if not factors or not math.isfinite(tokens) or tokens <= 0:
+        return None, None
+    factor = max(factors)
+    if not math.isfinite(factor) or factor > 256:
+        return (f"layers {[int(v) for v in rows['layer']]} sit on the threshold: more evaluation data narrows their "
+                "intervals but may not settle them"), None
+    needed = int(2 ** math.ceil(math.log2(max(tokens * factor, tokens * 2))))
+    return f"use at least {needed:,} evaluation tokens (now {int(tokens):,}) to settle layers " \
+           f"{[int(v) for v in rows['layer']]}", needed
 
 
 def diagnose(data: pd.DataFrame, thresholds: Thresholds | None = None, step: int | None = None, *,
@@ -219,94 +236,102 @@ def diagnose(data: pd.DataFrame, thresholds: Thresholds | None = None, step: int
         raise ValueError(f"run {run!r} is not in the data; runs present: {present}")
     data = data[np.asarray(data["run_id"].astype(str) == str(run), dtype=bool)]
 
-    sources = {
-        "variance": (["resid_post"], "var", "fwd"),
-        "ratio": (["attn", "mlp"], "shortcut_branch_ratio", "fwd"),
-        "grad": (["params"], "grad_norm", None),
-        "deletion": (["importance"], "deletion_delta", None),
-        "angular": (["angular_n1"], "angular_distance", None),
-    }
-    profiles: dict[str, pd.Series] = {}
-    steps: dict[str, int] = {}
-    missing: dict[str, str] = {}
-    for name, (sites, stat, direction) in sources.items():
-        profiles[name], at, why = _profile(data, sites, stat, direction, step)
-        if why is None:
-            steps[name] = int(at)  # type: ignore[arg-type]
-        else:
-            missing[name] = why
-    influence, influence_step, _ = _profile(data, ["importance"], "block_influence", None, step)
-    angular_source = "angular_n1"
-    if "angular" in missing and not influence.empty:
-        angular_source = "block_influence"
-        profiles["angular"] = np.arccos((1.0 - influence).clip(-1.0, 1.0)) / math.pi
-        steps["angular"] = int(influence_step)  # type: ignore[arg-type]
-        del missing["angular"]
-
-    all_layers = sorted(set().union(*(p.index for p in profiles.values()), influence.index))
-    table = pd.DataFrame({"layer": np.asarray(all_layers, dtype=int)})
-    idx = pd.Index(all_layers)
+    ev = {s.name: read(data, s, step) for s in SIGNALS if s.name != "angular"}
+    ev["angular"] = read_angular(data, step)
+    missing = {name: e.missing for name, e in ev.items() if not e.available}
+    layers = sorted(set().union(*(e.value.index for e in ev.values())))
+    idx = pd.Index(layers)
+    table = pd.DataFrame({"layer": np.asarray(layers, dtype=int)})
+    num_layers = (max(layers) + 1) if layers else 0
 
     def col(series: pd.Series) -> np.ndarray:
         return series.reindex(idx).to_numpy(dtype=float) if not series.empty else np.full(len(idx), np.nan)
 
-    num_layers = (max(all_layers) + 1) if all_layers else 0
-    shallow = [layer for layer in all_layers if layer < num_layers // 2]
-    table["var"] = col(profiles["variance"])
-    base = profiles["variance"].get(0, math.nan)
+    for name, prefix in (("deletion", "deletion"), ("angular", "angular")):
+        table[f"{prefix}_delta" if name == "deletion" else prefix] = col(ev[name].value)
+        table[f"{prefix}_lo"], table[f"{prefix}_hi"] = col(ev[name].lo), col(ev[name].hi)
+    table["block_influence"] = col(read(data, INFLUENCE, step).value)
+    table["var"] = col(ev["variance"].value)
+    base = ev["variance"].value.get(0, math.nan)
     table["var_rel"] = table["var"] / base if base and math.isfinite(base) and base > 0 else math.nan
-    table["ratio"] = col(profiles["ratio"])
-    table["grad_norm"] = col(profiles["grad"])
-    shallow_grad = profiles["grad"].reindex(shallow).median() if shallow else math.nan
+    table["ratio"] = col(ev["ratio"].value)
+    table["grad_norm"] = col(ev["grad"].value)
+    shallow = [layer for layer in layers if layer < num_layers // 2]
+    shallow_grad = ev["grad"].value.reindex(shallow).median() if shallow else math.nan
     table["grad_rel"] = table["grad_norm"] / shallow_grad if shallow_grad and shallow_grad > 0 else math.nan
-    table["deletion_delta"] = col(profiles["deletion"])
-    table["angular"] = col(profiles["angular"])
-    table["block_influence"] = col(influence)
-    if "variance" not in missing and table["var_rel"].isna().all():
-        missing["variance"] = "no positive 'var' at layer 0 to compare with"
-    if "grad" not in missing and table["grad_rel"].isna().all():
-        missing["grad"] = "no positive 'grad_norm' in the shallow half to compare with"
+    if ev["variance"].available and table["var_rel"].isna().all():
+        missing["variance"] = "no positive variance at layer 0 to compare with"
+    if ev["grad"].available and table["grad_rel"].isna().all():
+        missing["grad"] = "no positive gradient norm in the shallow half to compare with"
+    used = [s.name for s in SIGNALS if s.name not in missing]
+    voted = _vote(table, th, used)
 
-    fire = {
-        "variance": table["var_rel"] > th.max_var_rel,
-        "ratio": table["ratio"] > th.max_ratio,
-        "grad": table["grad_rel"] < th.min_grad_rel,
-        "deletion": _below(table["deletion_delta"], th.min_deletion, th.min_deletion_rel),
-        "angular": _below(table["angular"], th.min_angular, th.min_angular_rel),
-    }
-    measured = {"variance": "var_rel", "ratio": "ratio", "grad": "grad_rel", "deletion": "deletion_delta",
-                "angular": "angular"}
-    used = [s for s in SIGNALS if s not in missing]
-    available = np.zeros(len(table), dtype=int)
-    for s in SIGNALS:
-        has = table[measured[s]].notna().to_numpy() & (s in used)
-        table[f"flag_{s}"] = fire[s].fillna(False).to_numpy(dtype=bool) & has
-        available += has
-    table["signals"] = available
-    table["flags"] = table[[f"flag_{s}" for s in SIGNALS]].sum(axis=1).astype(int)
-    needed = np.array([th.needed(k) for k in available], dtype=int)
-    table["underused"] = (available > 0) & (table["flags"].to_numpy() >= needed)
+    causal = next((name for name in ("deletion", "angular") if name in used), None)
+    table["status"], table["decided_by"] = "no evidence", ""
+    for name in ("deletion", "angular"):
+        table[f"{name}_level"] = ""
+    taus: dict[str, float] = {}
+    for name, absolute, relative in (("deletion", th.min_deletion, th.min_deletion_rel),
+                                     ("angular", th.min_angular, th.min_angular_rel)):
+        if name in used:
+            level, taus[name] = causal_level(ev[name], absolute, relative, idx)
+            table[f"{name}_level"] = level.to_numpy()
+    if causal is not None:
+        value_col = "deletion_delta" if causal == "deletion" else "angular"
+        level = table[f"{causal}_level"]
+        table.loc[level == "low", "status"] = "underused"
+        table.loc[level == "high", "status"] = "used"
+        table.loc[level == "unclear", "status"] = "inconclusive"
+        table.loc[level != "", "decided_by"] = causal
+        table["decided_value"], table["decided_tau"] = table[value_col], taus[causal]
+        table["decided_lo"] = table[f"{causal}_lo"].fillna(table[value_col])
+        table["decided_hi"] = table[f"{causal}_hi"].fillna(table[value_col])
+    elif any(name in used for name in ("variance", "ratio", "grad")):
+        has = table["signals"] > 0
+        table.loc[has, "status"] = np.where(voted[has], "underused", "used")
+        table.loc[has, "decided_by"] = "correlational"
+    table["underused"] = table["status"] == "underused"
 
-    deep = table[table["layer"] >= num_layers // 2]
-    n_under = int(deep["underused"].sum())
-    fraction = n_under / len(deep) if len(deep) else math.nan
-    if num_layers < 2 or not used:
+    deep = table["layer"] >= num_layers // 2
+    n_deep = int(deep.sum())
+    n_under = int((deep & table["underused"]).sum())
+    n_open = int((deep & (table["status"] == "inconclusive")).sum())
+    need = max(1, math.ceil(th.min_fraction * n_deep))
+    tokens = model_value(data, "tokens", ev["deletion"].step if causal == "deletion" else step)
+    sequences = model_value(data, "sequences", ev["deletion"].step if causal == "deletion" else step)
+    advice, advised_tokens = None, None
+    if num_layers < 2 or not used or (table["status"] == "no evidence").all():
         verdict = "insufficient data"
-    elif n_under > 0 and fraction >= th.min_fraction:
+    elif n_under >= need:
         verdict = "underuse"
-    else:
+    elif n_under + n_open < need:
         verdict = "ok"
+    else:
+        verdict = "inconclusive"
+        advice, advised_tokens = _advice(table, deep, tokens)
 
-    var = profiles["variance"]
+    var = ev["variance"].value
     b, a, r2 = fit_growth(var.index.to_numpy(), var.to_numpy()) if not var.empty else (math.nan,) * 3
+    ratio = ev["ratio"].value
     first_deep_quarter = num_layers - math.ceil(num_layers / 4)
-    ratio = profiles["ratio"]
     deep_ratio = float(ratio[ratio.index >= first_deep_quarter].mean()) if not ratio.empty else math.nan
+    decided = causal or ("correlational" if verdict != "insufficient data" else None)
+    finding = massive_activations(data, step)
     summary = {
         "num_layers": num_layers,
-        "deep_layers": [int(x) for x in deep["layer"]],
+        "deep_layers": [int(x) for x in table.loc[deep, "layer"]],
         "underused_layers": [int(x) for x in table.loc[table["underused"], "layer"]],
-        "fraction_underused": fraction,
+        "inconclusive_layers": [int(x) for x in table.loc[table["status"] == "inconclusive", "layer"]],
+        "fraction_underused": n_under / n_deep if n_deep else math.nan,
+        "layers_needed": need,
+        "decided_by": decided,
+        "causal": causal is not None,
+        "confidence": {"level": 0.95, "intervals": bool(causal and ev[causal].has_intervals),
+                       "sequences": sequences, "tokens": tokens},
+        "advice": advice,
+        "advised_tokens": advised_tokens,
+        "thresholds_used": taus,
+        "findings": {"massive_activations": finding} if finding else {},
         "growth_rate": b,
         "growth_factor": math.exp(b) if math.isfinite(b) else math.nan,
         "growth_intercept": a,
@@ -314,9 +339,10 @@ def diagnose(data: pd.DataFrame, thresholds: Thresholds | None = None, step: int
         "deep_ratio": deep_ratio,
         "signals_used": used,
         "signals_missing": missing,
-        "angular_source": angular_source if "angular" in used else None,
-        "flags_needed": th.needed(len(used)) if used else None,
-        "steps": steps,
+        "statistics_read": {name: e.stat for name, e in ev.items() if e.available},
+        "angular_source": ev["angular"].stat if "angular" in used else None,
+        "flags_needed": th.needed(len([s for s in used if s in ("variance", "ratio", "grad")]) or 1),
+        "steps": {name: e.step for name, e in ev.items() if e.available},
         "thresholds": th.to_dict(),
     }
     if missing:

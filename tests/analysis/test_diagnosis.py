@@ -18,34 +18,41 @@ from diagnosis_tables import L, healthy_table, table, underused_table
 
 from gpas_probe import ModelConfig, TrainConfig, build_model, train
 from gpas_probe.analysis import layer_importance, to_long
-from gpas_probe.analysis.diagnosis import SIGNALS, Diagnosis, Thresholds, diagnose, diagnose_runs, fit_growth
+from gpas_probe.analysis.diagnosis import (
+    SIGNAL_NAMES,
+    VERDICTS,
+    Diagnosis,
+    Thresholds,
+    diagnose,
+    diagnose_runs,
+    fit_growth,
+)
 from gpas_probe.probes import ProbeConfig
 from gpas_probe.store import ARROW_SCHEMA, load_run
 
 # ------------------------------------------------------------------------------------------- verdicts
 
 
-def test_constructed_underuse_is_found_in_every_signal() -> None:
+def test_constructed_underuse_is_found_and_decided_by_deletion() -> None:
     d = diagnose(underused_table())
     assert isinstance(d, Diagnosis) and d.verdict == "underuse" and d.underused and d.run_id == "sick"
     deep = d.layers[d.layers["layer"] >= L // 2]
-    for s in ("ratio", "grad", "deletion", "angular"):
-        assert deep[f"flag_{s}"].all(), s
-    assert deep["underused"].all() and (deep["signals"] == 5).all()
-    assert not d.layers.loc[d.layers["layer"] < 2, "underused"].any()
-    assert d.summary["fraction_underused"] == 1.0
-    assert d.summary["deep_layers"] == list(range(L // 2, L))
-    assert d.summary["signals_used"] == list(SIGNALS) and d.summary["signals_missing"] == {}
+    assert (deep["status"] == "underused").all() and (deep["decided_by"] == "deletion").all()
+    assert (deep["deletion_level"] == "low").all() and (deep["angular_level"] == "low").all()
+    assert (d.layers.loc[d.layers["layer"] < L // 2, "status"] == "used").all()
+    assert d.summary["decided_by"] == "deletion" and d.summary["causal"]
+    assert d.summary["fraction_underused"] == 1.0 and d.summary["deep_layers"] == list(range(L // 2, L))
+    assert d.summary["signals_used"] == list(SIGNAL_NAMES) and d.summary["signals_missing"] == {}
     assert d.summary["growth_factor"] == pytest.approx(2.0)
-    assert d.summary["flags_needed"] == 3
     np.testing.assert_allclose(d.layers["ratio"], 2 + 4.0 * np.arange(L))  # mean of attn and mlp
     np.testing.assert_allclose(d.layers["var_rel"], 2.0 ** np.arange(L))
+    # the correlational signals still explain: they fire in the deep half
+    assert deep[["flag_ratio", "flag_grad"]].all().all()
 
 
-def test_healthy_profile_is_ok_without_flags() -> None:
+def test_healthy_profile_is_ok() -> None:
     d = diagnose(healthy_table())
-    assert d.verdict == "ok" and not d.underused
-    assert d.layers["flags"].sum() == 0 and not d.layers["underused"].any()
+    assert d.verdict == "ok" and not d.underused and (d.layers["status"] == "used").all()
     assert d.summary["fraction_underused"] == 0.0 and d.summary["underused_layers"] == []
     assert abs(d.summary["growth_rate"]) < 0.05
 
@@ -66,42 +73,73 @@ def test_growth_fit_matches_polyfit() -> None:
     assert math.isnan(fit_growth(np.array([0]), np.array([1.0]))[0])
 
 
-def _reference(ev: dict[str, np.ndarray], th: Thresholds) -> tuple[list[dict[str, bool]], list[bool], str]:
-    """The documented rule, layer by layer with plain Python."""
-    grad_base = statistics.median(ev["grad"][i] for i in range(L) if i < L // 2)
-    med_del = statistics.median(ev["deletion"])
-    med_ang = statistics.median(ev["angular"])
-    flags, under = [], []
+def _reference(value: np.ndarray, lo: np.ndarray, hi: np.ndarray, absolute: float, relative: float,
+               min_fraction: float) -> tuple[list[str], str]:
+    """The documented causal rule, layer by layer with plain Python: (status per layer, verdict)."""
+    median = statistics.median(value)
+    tau = max(absolute, relative * median)
+    status = []
     for i in range(L):
-        f = {
-            "variance": ev["var"][i] / ev["var"][0] > th.max_var_rel,
-            "ratio": ev["ratio"][i] > th.max_ratio,
-            "grad": ev["grad"][i] / grad_base < th.min_grad_rel,
-            "deletion": ev["deletion"][i] < th.min_deletion or ev["deletion"][i] < th.min_deletion_rel * med_del,
-            "angular": ev["angular"][i] < th.min_angular or ev["angular"][i] < th.min_angular_rel * med_ang,
-        }
-        flags.append(f)
-        needed = th.min_flags if th.min_flags is not None else 3  # majority of 5
-        under.append(sum(f.values()) >= needed)
-    deep = under[L // 2:]
-    verdict = "underuse" if any(deep) and sum(deep) / len(deep) >= th.min_fraction else "ok"
-    return flags, under, verdict
+        if lo[i] >= tau or lo[i] > median:
+            status.append("used")
+        elif hi[i] < tau:
+            status.append("underused")
+        else:
+            status.append("inconclusive")
+    deep = status[L // 2:]
+    need = max(1, math.ceil(min_fraction * len(deep)))
+    under, open_ = deep.count("underused"), deep.count("inconclusive")
+    verdict = "underuse" if under >= need else "ok" if under + open_ < need else "inconclusive"
+    return status, verdict
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_flags_and_verdict_follow_the_documented_rule(seed: int) -> None:
+@pytest.mark.parametrize("seed", range(8))
+def test_status_and_verdict_follow_the_documented_rule(seed: int) -> None:
     rng = np.random.default_rng(seed)
-    ev = {"var": np.exp(rng.uniform(0, 3, L)), "ratio": rng.uniform(1, 20, L), "grad": rng.uniform(0.1, 2, L),
-          "deletion": rng.uniform(-0.01, 0.2, L), "angular": rng.uniform(0.0, 0.15, L)}
-    th = Thresholds(min_fraction=float(rng.choice([0.25, 0.5, 0.75])), min_flags=[None, 2, 4][seed % 3])
-    d = diagnose(table(var=ev["var"], ratio=ev["ratio"], grad=ev["grad"], deletion=ev["deletion"],
-                       angular=ev["angular"]), th)
-    flags, under, verdict = _reference(ev, th)
-    for s in SIGNALS:
-        assert d.layers[f"flag_{s}"].tolist() == [f[s] for f in flags], s
-    assert d.layers["underused"].tolist() == under
-    assert d.layers["flags"].tolist() == [sum(f.values()) for f in flags]
+    value = rng.uniform(-0.01, 0.2, L)
+    half = rng.uniform(0.0, 0.05, L)
+    th = Thresholds(min_fraction=float(rng.choice([0.25, 0.5, 0.75])), min_deletion=float(rng.choice([0.01, 0.05])))
+    d = diagnose(table(deletion=value, half_width=half, var=np.exp(rng.uniform(0, 3, L)),
+                       ratio=rng.uniform(1, 20, L), grad=rng.uniform(0.1, 2, L)), th)
+    status, verdict = _reference(value, value - half, value + half, th.min_deletion, th.min_deletion_rel,
+                                 th.min_fraction)
+    assert d.layers["status"].tolist() == status
     assert d.verdict == verdict
+    np.testing.assert_allclose(d.layers["deletion_lo"], value - half)
+    np.testing.assert_allclose(d.layers["deletion_hi"], value + half)
+
+
+def test_correlational_signals_never_outvote_causal_evidence() -> None:
+    # The failure this rule fixes: a sink token makes variance and ratio fire in every deep layer and a
+    # noisy gradient fires in some, while deleting any layer clearly costs loss. A vote over all five
+    # signals called that underuse; causal evidence first calls it ok.
+    deep = np.arange(L) >= L // 2
+    data = table(var=np.full(L, 300.0) * (np.arange(L) > 0) + 1.0, ratio=np.where(np.arange(L) > 1, 60.0, 3.0),
+                 grad=np.where(deep & (np.arange(L) % 2 == 0), 0.2, 1.0), deletion=np.linspace(0.5, 0.2, L),
+                 angular=np.linspace(0.2, 0.04, L), half_width=0.01)
+    d = diagnose(data)
+    assert d.verdict == "ok" and (d.layers["status"] == "used").all()
+    assert d.layers.loc[deep, ["flag_variance", "flag_ratio"]].all().all()  # they still fire, and explain
+
+
+def test_a_layer_clearly_in_the_top_half_is_never_underused() -> None:
+    value = np.linspace(0.8, 0.1, L)
+    d = diagnose(table(deletion=value, half_width=0.01), Thresholds(min_deletion=10.0))  # an absurd floor
+    top = value - 0.01 > np.median(value)
+    assert (d.layers.loc[top, "status"] == "used").all() and top.sum() == L // 2
+    assert (d.layers.loc[~top, "status"] == "underused").all()
+
+
+def test_wide_intervals_are_inconclusive_with_advice() -> None:
+    deep = np.arange(L) >= L // 2
+    value = np.where(deep, 0.1, 0.4)
+    d = diagnose(table(deletion=value, half_width=np.where(deep, 0.06, 0.05), tokens=512))
+    assert d.verdict == "inconclusive" and d.summary["inconclusive_layers"] == list(range(L // 2, L))
+    # threshold 0.25 x median 0.25 = 0.0625; the deep layers sit 0.0375 above it with half-width 0.06:
+    # 512 tokens x 4 x (0.06 / 0.0375)^2 = 5,243 -> the next power of two, 8,192
+    assert d.summary["advised_tokens"] == 8_192 and "8,192 evaluation tokens (now 512)" in d.summary["advice"]
+    narrow = diagnose(table(deletion=value, half_width=np.where(deep, 0.005, 0.05), tokens=8_192))
+    assert narrow.verdict == "ok" and narrow.summary["advice"] is None
 
 
 def test_relative_thresholds_use_the_median_layer() -> None:
@@ -110,9 +148,18 @@ def test_relative_thresholds_use_the_median_layer() -> None:
     d = diagnose(table(deletion=values, angular=values), th)
     expected = (values < 0.25 * 0.24).tolist()
     assert expected == [False] * 7 + [True]
-    assert d.layers["flag_deletion"].tolist() == expected and d.layers["flag_angular"].tolist() == expected
+    assert (d.layers["status"] == "underused").tolist() == expected
+    assert d.summary["thresholds_used"]["deletion"] == pytest.approx(0.06)
     d = diagnose(table(deletion=values), Thresholds(min_deletion=0.1, min_deletion_rel=0.0))
-    assert d.layers["flag_deletion"].tolist() == (values < 0.1).tolist()  # the absolute floor alone
+    assert (d.layers["status"] == "underused").tolist() == (values < 0.1).tolist()  # the absolute floor alone
+
+
+def test_angular_decides_only_without_deletion() -> None:
+    deep = np.arange(L) >= L // 2
+    d = diagnose(table(angular=np.where(deep, 0.01, 0.2), half_width=0.005))
+    assert d.summary["decided_by"] == "angular" and d.verdict == "underuse"
+    both = diagnose(table(deletion=np.full(L, 0.3), angular=np.where(deep, 0.01, 0.2), half_width=0.005))
+    assert both.summary["decided_by"] == "deletion" and both.verdict == "ok"  # deletion outranks the angle
 
 
 # ------------------------------------------------------------------------------------- missing signals
@@ -124,25 +171,61 @@ def test_training_run_has_no_importance_and_says_so() -> None:
     assert d.summary["signals_used"] == ["variance", "ratio", "grad"]
     assert set(d.summary["signals_missing"]) == {"deletion", "angular"}
     assert d.summary["flags_needed"] == 2 and (d.layers["signals"] == 3).all()
-    assert d.layers["deletion_delta"].isna().all() and not d.layers["flag_deletion"].any()
-    assert d.verdict == "underuse"  # variance and ratio fire in the deep half
-    assert d.layers.loc[deep, "underused"].all()
+    assert d.layers["deletion_delta"].isna().all()
+    assert d.verdict == "underuse" and d.summary["decided_by"] == "correlational" and not d.summary["causal"]
+    assert d.layers.loc[deep, "underused"].all() and (d.layers["decided_by"] == "correlational").all()
+
+
+def _correlational_reference(ev: dict[str, np.ndarray], th: Thresholds) -> tuple[list[dict[str, bool]], list[bool]]:
+    """The documented vote, layer by layer with plain Python."""
+    grad_base = statistics.median(ev["grad"][i] for i in range(L) if i < L // 2)
+    flags, under = [], []
+    for i in range(L):
+        f = {"variance": ev["var"][i] / ev["var"][0] > th.max_var_rel, "ratio": ev["ratio"][i] > th.max_ratio,
+             "grad": ev["grad"][i] / grad_base < th.min_grad_rel}
+        flags.append(f)
+        under.append(sum(f.values()) >= (th.min_flags if th.min_flags is not None else 2))
+    return flags, under
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_correlational_vote_follows_the_documented_rule(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    ev = {"var": np.exp(rng.uniform(0, 3, L)), "ratio": rng.uniform(1, 20, L), "grad": rng.uniform(0.1, 2, L)}
+    th = Thresholds(min_flags=[None, 1, 3][seed % 3])
+    d = diagnose(table(var=ev["var"], ratio=ev["ratio"], grad=ev["grad"]), th)
+    flags, under = _correlational_reference(ev, th)
+    for s in ("variance", "ratio", "grad"):
+        assert d.layers[f"flag_{s}"].tolist() == [f[s] for f in flags], s
+    assert d.layers["underused"].tolist() == under
+    deep = under[L // 2:]
+    assert d.verdict == ("underuse" if sum(deep) >= math.ceil(th.min_fraction * len(deep)) else "ok")
+
+
+def test_the_robust_variance_is_read_when_recorded() -> None:
+    sink = np.full(L, 1.0)
+    sink[2:] = 400.0  # a sink token from layer 2 on
+    d = diagnose(table(var=sink, var_robust=1.0 + 0.1 * np.arange(L)))
+    assert d.summary["statistics_read"]["variance"] == "var_robust"
+    np.testing.assert_allclose(d.layers["var"], 1.0 + 0.1 * np.arange(L))
+    assert not d.layers["flag_variance"].any()
 
 
 def test_angular_falls_back_to_block_influence() -> None:
-    influence = np.linspace(0.3, 1e-4, L)
-    d = diagnose(table(deletion=np.full(L, 0.2), influence=influence))
+    influence = np.linspace(0.3, 1e-3, L)
+    d = diagnose(table(deletion=np.full(L, 0.2), influence=influence, half_width=1e-4))
     assert d.summary["angular_source"] == "block_influence" and "angular" in d.summary["signals_used"]
     np.testing.assert_allclose(d.layers["angular"], np.arccos(1 - influence) / np.pi)
+    np.testing.assert_allclose(d.layers["angular_hi"], np.arccos(1 - influence - 1e-4) / np.pi)
     np.testing.assert_allclose(d.layers["block_influence"], influence)
     d = diagnose(underused_table())
-    assert d.summary["angular_source"] == "angular_n1"  # the angle itself wins when recorded
+    assert d.summary["angular_source"] == "angular_distance"  # the angle itself wins when recorded
 
 
 def test_no_per_layer_signal_is_insufficient_data() -> None:
     d = diagnose(table())
     assert d.verdict == "insufficient data" and d.summary["signals_used"] == []
-    assert set(d.summary["signals_missing"]) == set(SIGNALS)
+    assert set(d.summary["signals_missing"]) == set(SIGNAL_NAMES)
     one_layer = underused_table()
     d = diagnose(one_layer[one_layer["layer"] <= 0])
     assert d.verdict == "insufficient data"
@@ -155,7 +238,7 @@ def test_step_picks_the_evidence_and_absent_steps_are_missing() -> None:
     d = diagnose(data, step=15)
     assert d.verdict == "insufficient data" and "at step 15" in d.summary["signals_missing"]["ratio"]
     mixed = pd.concat([table("m", 10, var=2.0 ** np.arange(L)), table("m", 30, deletion=np.full(L, 0.3))])
-    assert diagnose(mixed).summary["steps"] == {"variance": 10, "deletion": 30}  # each at its own last step
+    assert diagnose(mixed).summary["steps"] == {"deletion": 30, "variance": 10}  # each at its own last step
 
 
 # ------------------------------------------------------------------------------------------ thresholds
@@ -170,10 +253,7 @@ def test_threshold_overrides_change_the_verdict() -> None:
     assert diagnose(data, Thresholds(max_ratio=5.0)).verdict == "underuse"
     assert diagnose(data, Thresholds(min_flags=1)).verdict == "underuse"
     assert diagnose(data, Thresholds(max_ratio=5.0, min_grad_rel=0.3)).verdict == "ok"
-    assert diagnose(underused_table(), Thresholds(min_flags=5)).verdict == "underuse"
-    assert diagnose(underused_table(), Thresholds(max_ratio=1e9, min_grad_rel=0, min_deletion=-1,
-                                                  min_deletion_rel=0, min_angular=0, min_angular_rel=0,
-                                                  max_var_rel=1e9)).verdict == "ok"
+    assert diagnose(underused_table(), Thresholds(min_deletion=-1, min_deletion_rel=0)).verdict == "ok"
     half = underused_table()
     half = half[~((half["layer"] >= L - 2) & (half["site"] != "model"))]  # the deep half is half underused
     assert diagnose(half).verdict == "underuse"
@@ -250,8 +330,10 @@ def test_real_tables_are_read_as_recorded(profiled_run) -> None:
     out, imp = profiled_run
     data = load_run(out)
     d = diagnose(data)
-    assert d.summary["signals_used"] == list(SIGNALS) and d.verdict in ("underuse", "ok")
+    assert d.summary["signals_used"] == list(SIGNAL_NAMES) and d.verdict in VERDICTS
     np.testing.assert_allclose(d.layers["deletion_delta"], imp["deletion"]["delta"])
+    np.testing.assert_allclose(d.layers["deletion_lo"], imp["deletion"]["delta_lo"])
+    np.testing.assert_allclose(d.layers["deletion_hi"], imp["deletion"]["delta_hi"])
     n1 = imp["angular"][imp["angular"]["n"] == 1].sort_values("layer")
     np.testing.assert_allclose(d.layers["angular"], n1["distance"])
     np.testing.assert_allclose(d.layers["block_influence"], imp["block_influence"]["influence"])
