@@ -13,7 +13,7 @@ from matplotlib.colors import Normalize
 from matplotlib.ticker import LogFormatter
 
 from gpas_probe.store.schema import check_table
-from gpas_probe.table import run_ids
+from gpas_probe.table import layer_rows, mean_by, run_ids, select
 
 STAT_NAMES = {"var": "variance", "rms": "RMS", "absmax": "max |x|", "grad_norm": "gradient norm",
               "weight_norm": "weight norm", "update_ratio": "update/weight ratio",
@@ -101,3 +101,23 @@ def layer_norm(layers: np.ndarray) -> Normalize:
     """A colour scale over the layer indices present (one layer: a unit range, never empty)."""
     lo, hi = (float(layers.min()), float(layers.max())) if len(layers) else (0.0, 1.0)
     return Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1)
+
+
+def with_bounds(data: pd.DataFrame, stat: str, keys: Sequence[str], **equal: object) -> pd.DataFrame:
+    """Mean ``value`` of per-layer ``stat`` rows per ``keys`` (rows chosen by ``equal``, see
+    :func:`~gpas_probe.table.select`), with columns ``lo`` and ``hi`` from its ``{stat}_lo``/``{stat}_hi``
+    rows where a profile recorded them (NaN elsewhere)."""
+    rows = layer_rows(select(data, stat=[stat, f"{stat}_lo", f"{stat}_hi"], **equal))
+    table = mean_by(rows, [*keys, "stat"])
+    out = table[table["stat"] == stat].drop(columns="stat").reset_index(drop=True)
+    for end in ("lo", "hi"):
+        part = table[table["stat"] == f"{stat}_{end}"].drop(columns="stat").rename(columns={"value": end})
+        out = out.merge(part, on=list(keys), how="left") if len(part) else out.assign(**{end: np.nan})
+    return out
+
+
+def draw_band(ax: Axes, x: np.ndarray, lo: pd.Series, hi: pd.Series, color: object) -> None:
+    """A 95% band between ``lo`` and ``hi`` (nothing where they were not recorded)."""
+    if lo.notna().any():
+        ax.fill_between(x, lo.to_numpy(dtype=float), hi.to_numpy(dtype=float), color=color, alpha=0.2,
+                        linewidth=0, label="_95% interval")

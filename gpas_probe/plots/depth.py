@@ -17,12 +17,14 @@ from matplotlib.ticker import MaxNLocator
 from gpas_probe.plots.common import (
     MissingDataError,
     check_frame,
+    draw_band,
     log_y,
     pick_run,
     positive,
     quantity_label,
     run_colors,
     subsample_steps,
+    with_bounds,
 )
 from gpas_probe.table import layer_rows, mean_by, run_list, select
 
@@ -53,7 +55,8 @@ def variance_growth(data: pd.DataFrame, ax: Axes | None = None, *, run: str | No
                     site: str = "resid_post", direction: str = "fwd", stat: str = "var",
                     steps: Iterable[int] | None = None, max_steps: int = 8, palette: str = "viridis",
                     legend: bool = True) -> Axes:
-    """Statistic by layer (log y), one line per recorded step, coloured dark (early) to light (late).
+    """Statistic by layer (log y), one line per recorded step, coloured dark (early) to light (late), with a
+    band for its 95% interval where a profile recorded one (``var_robust`` has one).
 
     ``steps=None`` picks at most ``max_steps`` recorded steps evenly by rank, first and last included;
     explicit ``steps`` must all be recorded. Raises ``MissingDataError`` (a ``ValueError``) when the run
@@ -61,7 +64,7 @@ def variance_growth(data: pd.DataFrame, ax: Axes | None = None, *, run: str | No
     """
     check_frame(data)
     run = pick_run(data, run)
-    table = mean_by(layer_rows(select(data, stat=stat, site=site, direction=direction, run_id=run)), ["step", "layer"])
+    table = with_bounds(data, stat, ["step", "layer"], site=site, direction=direction, run_id=run)
     what = quantity_label(site, direction, stat)
     if table.empty:
         raise MissingDataError(f"run {run!r} has no {stat!r} rows at site {site!r}, direction {direction!r}")
@@ -80,6 +83,7 @@ def variance_growth(data: pd.DataFrame, ax: Axes | None = None, *, run: str | No
         shade = 0.9 * i / max(len(chosen) - 1, 1)
         ax.plot(rows["layer"].to_numpy(), positive(rows["value"]), color=cmap(shade), marker="o", markersize=3,
                 linewidth=1.6, label=f"{step:,}")
+        draw_band(ax, rows["layer"].to_numpy(), rows["lo"], rows["hi"], cmap(shade))
     log_y(ax)
     _layer_axis(ax)
     ax.set_ylabel(f"{what} (log scale)")
@@ -153,15 +157,16 @@ def _steps_text(steps_by_run: dict[str, list[int]]) -> str:
 def shortcut_ratio(data: pd.DataFrame, ax: Axes | None = None, *, runs: Iterable[str] | None = None,
                    sites: Sequence[str] = ("attn", "mlp"), stat: str = "shortcut_branch_ratio",
                    step: int | None = None, legend: bool = True) -> Axes:
-    """Shortcut/branch ratio by layer, one line per run (colour) and sub-layer (line style), log y.
+    """Shortcut/branch ratio by layer, one line per run (colour) and sub-layer (line style), log y, with a
+    band for its 95% interval where a profile recorded one (``shortcut_branch_ratio_robust``).
 
     Drawn at each run's last recorded step, or at ``step``. ``stat='shortcut_branch_cos'`` draws the cosine
     on a linear axis. Runs without the rows are named in a note; if no run has them, ``MissingDataError``.
     """
     check_frame(data)
     runs = run_list(data, runs)
-    table = mean_by(layer_rows(select(data, stat=stat, direction="fwd", site=list(sites), run_id=runs)),
-                    ["run_id", "step", "site", "layer"])
+    table = with_bounds(data, stat, ["run_id", "step", "site", "layer"], direction="fwd", site=list(sites),
+                        run_id=runs)
     ax, colors, missing, steps_by_run = _start(ax, runs)
     for run, rows in _by_run(table, runs, missing):
         chosen = int(rows["step"].max()) if step is None else int(step)
@@ -178,6 +183,7 @@ def shortcut_ratio(data: pd.DataFrame, ax: Axes | None = None, *, runs: Iterable
             values = part["value"].to_numpy() if stat.endswith("cos") else positive(part["value"])
             ax.plot(part["layer"].to_numpy(), values, color=colors[run], linestyle=style, marker=marker,
                     markersize=3.5, linewidth=1.6, label=f"{run} · {site}")
+            draw_band(ax, part["layer"].to_numpy(), part["lo"], part["hi"], colors[run])
     if not steps_by_run:
         where = "" if step is None else f" at step {step}"
         raise MissingDataError(f"no run has {stat!r} rows for sites {list(sites)}{where}; runs: {runs}")

@@ -25,6 +25,7 @@ from gpas_probe.plots.common import (
     check_frame,
     pick_run,
     run_colors,
+    with_bounds,
 )
 from gpas_probe.table import layer_rows, mean_by, run_list, select
 
@@ -65,7 +66,8 @@ def _at_step(rows: pd.DataFrame, step: int | None) -> tuple[pd.DataFrame, int | 
 
 def importance_bars(data: pd.DataFrame, ax: Axes | None = None, *, stat: str = "deletion_delta",
                     runs: Iterable[str] | None = None, step: int | None = None, legend: bool = True) -> Axes:
-    """Layer importance ``stat`` as bars per layer, the runs side by side in each layer's slot (colour).
+    """Layer importance ``stat`` as bars per layer, the runs side by side in each layer's slot (colour), with
+    error bars for its 95% interval over evaluation sequences where the profile recorded one.
 
     Drawn at each run's last profiled step, or at ``step``. Runs without the rows are named in a note;
     if no run has them, ``MissingDataError``.
@@ -73,7 +75,7 @@ def importance_bars(data: pd.DataFrame, ax: Axes | None = None, *, stat: str = "
     _check_stat(stat)
     check_frame(data)
     runs = run_list(data, runs)
-    table = mean_by(layer_rows(select(data, stat=stat, site=IMPORTANCE_SITE, run_id=runs)), ["run_id", "step", "layer"])
+    table = with_bounds(data, stat, ["run_id", "step", "layer"], site=IMPORTANCE_SITE, run_id=runs)
     ax = plt.gca() if ax is None else ax
     colors = run_colors(runs)
     drawn: dict[str, pd.DataFrame] = {}
@@ -88,8 +90,11 @@ def importance_bars(data: pd.DataFrame, ax: Axes | None = None, *, stat: str = "
     width = 0.8 / len(drawn)
     for i, (run, rows) in enumerate(drawn.items()):
         offset = (i - (len(drawn) - 1) / 2) * width
-        ax.bar(rows["layer"].to_numpy() + offset, rows["value"].to_numpy(), width=width * 0.95, color=colors[run],
-               label=run, edgecolor="none")
+        x, y = rows["layer"].to_numpy() + offset, rows["value"].to_numpy()
+        ax.bar(x, y, width=width * 0.95, color=colors[run], label=run, edgecolor="none")
+        if rows["lo"].notna().any():
+            err = np.stack([y - rows["lo"].to_numpy(), rows["hi"].to_numpy() - y])
+            ax.errorbar(x, y, yerr=err, fmt="none", ecolor="0.15", elinewidth=0.9, capsize=2, label="_95% interval")
     ax.axhline(0.0, color="0.3", linewidth=0.8)
     ax.set_xlabel("layer")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))

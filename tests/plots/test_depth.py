@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
-from matplotlib.collections import QuadMesh  # noqa: E402
+from matplotlib.collections import PolyCollection, QuadMesh  # noqa: E402
 from plot_tables import all_texts, line_artists, raw_rows, synthetic  # noqa: E402
 
 from gpas_probe.plots import (  # noqa: E402
@@ -137,3 +137,26 @@ def test_grad_norm_names_runs_without_data_and_errors_when_none_has_it():
         grad_norm(synthetic(runs=("pre",), bwd=False), ax=plt.figure().gca(), view="bwd")
     with pytest.raises(ValueError, match="view must be"):
         grad_norm(mixed, view="sideways")
+
+
+def test_intervals_recorded_by_a_profile_are_drawn_as_bands():
+    layers = np.arange(4)
+    value = 1.0 + layers
+    parts = []
+    for stat, site, offset in (("var_robust", "resid_post", 0.0), ("shortcut_branch_ratio_robust", "attn", 1.0)):
+        for suffix, shift in (("", 0.0), ("_lo", -0.5), ("_hi", 0.5)):
+            parts.append(pd.DataFrame({"run_id": "p", "step": 5, "layer": layers, "site": site, "direction": "fwd",
+                                       "stat": stat + suffix, "value": value + offset + shift}))
+    data = pd.concat(parts, ignore_index=True)
+    for ax, offset in ((variance_growth(data, ax=plt.figure().gca(), stat="var_robust"), 0.0),
+                       (shortcut_ratio(data, ax=plt.figure().gca(), stat="shortcut_branch_ratio_robust",
+                                       sites=("attn",)), 1.0)):
+        bands = [c for c in ax.collections if isinstance(c, PolyCollection)]
+        assert len(bands) == 1
+        ys = bands[0].get_paths()[0].vertices[:, 1]
+        want = set(value + offset - 0.5) | set(value + offset + 0.5)
+        np.testing.assert_allclose(sorted(set(np.round(ys, 9))), sorted(want))
+    # no bounds recorded: no band
+    plain = data[~data["stat"].str.endswith(("_lo", "_hi"))]
+    ax = variance_growth(plain, ax=plt.figure().gca(), stat="var_robust")
+    assert not [c for c in ax.collections if isinstance(c, PolyCollection)]

@@ -16,6 +16,7 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.collections import QuadMesh  # noqa: E402
+from matplotlib.container import BarContainer, ErrorbarContainer  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from gpas_probe import ModelConfig, analysis, build_model  # noqa: E402
@@ -75,34 +76,47 @@ def _mesh(ax) -> np.ma.MaskedArray:
 # ------------------------------------------------------------------------------------------------ bars
 
 
+def _bars(ax) -> list[BarContainer]:
+    return [c for c in ax.containers if isinstance(c, BarContainer)]
+
+
+def _error_bars(ax) -> list[ErrorbarContainer]:
+    return [c for c in ax.containers if isinstance(c, ErrorbarContainer)]
+
+
 def test_bars_one_per_layer_and_run_with_the_recorded_heights(real) -> None:
     data, frames = real["data"], real["frames"]
     ax = importance_bars(data, ax=plt.figure().gca(), runs=["a", "b"])
-    assert len(ax.containers) == 2
+    assert len(_bars(ax)) == 2 and len(_error_bars(ax)) == 2
     centres = []
-    for container, run in zip(ax.containers, ["a", "b"], strict=True):
+    for container, errors, run in zip(_bars(ax), _error_bars(ax), ["a", "b"], strict=True):
         assert len(container) == L and container.get_label() == run
         heights = [bar.get_height() for bar in container]
-        np.testing.assert_allclose(heights, frames[run]["deletion"]["delta"])  # step 40, the last
+        deletion = frames[run]["deletion"]
+        np.testing.assert_allclose(heights, deletion["delta"])  # step 40, the last
         centres.append([bar.get_x() + bar.get_width() / 2 for bar in container])
+        # the error bars span the recorded 95% interval
+        segments = errors.lines[2][0].get_segments()
+        np.testing.assert_allclose([seg[0][1] for seg in segments], deletion["delta_lo"])
+        np.testing.assert_allclose([seg[1][1] for seg in segments], deletion["delta_hi"])
     np.testing.assert_allclose(np.mean(centres, axis=0), np.arange(L))  # side by side around each layer
     assert all(c0 < c1 for c0, c1 in zip(*centres, strict=True))
     assert "step 40" in ax.get_title()
     ax = importance_bars(data, ax=plt.figure().gca(), runs=["b"], stat="block_influence")
-    assert len(ax.containers) == 1
-    np.testing.assert_allclose([b.get_height() for b in ax.containers[0]], frames["b"]["block_influence"]["influence"])
+    assert len(_bars(ax)) == 1
+    np.testing.assert_allclose([b.get_height() for b in _bars(ax)[0]], frames["b"]["block_influence"]["influence"])
 
 
 def test_bars_at_an_earlier_step(real) -> None:
     series = real["frames"]["series"]
     ax = importance_bars(real["data"], ax=plt.figure().gca(), runs=["a"], step=20)
-    np.testing.assert_allclose([b.get_height() for b in ax.containers[0]],
+    np.testing.assert_allclose([b.get_height() for b in _bars(ax)[0]],
                                series[series["step"] == 20].sort_values("layer")["delta"])
 
 
 def test_bars_name_unprofiled_runs_and_fail_when_none_is_profiled(real) -> None:
     ax = importance_bars(real["data"], ax=plt.figure().gca(), runs=["a", "c"])  # c has angular rows only
-    assert len(ax.containers) == 1 and "not profiled: c" in " ".join(t.get_text() for t in ax.texts)
+    assert len(_bars(ax)) == 1 and "not profiled: c" in " ".join(t.get_text() for t in ax.texts)
     with pytest.raises(MissingDataError, match="gpas-probe profile"):
         importance_bars(real["data"], ax=plt.figure().gca(), runs=["c"])
     with pytest.raises(ValueError, match="stat must be one of"):
