@@ -10,10 +10,12 @@ import numpy as np
 import typer
 from rich.table import Table
 
+from gpas_probe.analysis.seeds import grouped, paired_differences, run_groups, seed_summary
 from gpas_probe.analysis.summary import compare_runs
 from gpas_probe.cli.common import console, friendly_errors
 from gpas_probe.plots import FIGURES, make_figure, save_figure
 from gpas_probe.store import load_runs, run_info
+from gpas_probe.table import aggregate_runs
 
 plot_app = typer.Typer(help="Render a figure from one or more runs (side by side).", no_args_is_help=True)
 
@@ -35,8 +37,15 @@ def _plot_command(kind: str):
     def command(
         runs: Annotated[list[Path], typer.Argument(help="Run folders (or their probes/ folders).")],
         output: Annotated[Path, typer.Option("--output", "-o", help="Figure file: .png, .svg or .pdf.")],
+        each_run: Annotated[bool, typer.Option("--each-run", help="Draw every run, even the seeds of one "
+                                                                  "configuration (default: their mean with a "
+                                                                  "95% band across seeds).")] = False,
     ) -> None:
-        fig = make_figure(kind, load_runs(runs))
+        data = load_runs(runs)
+        groups, _ = run_groups(runs)
+        if grouped(groups) and not each_run:
+            data = aggregate_runs(data, groups)
+        fig = make_figure(kind, data)
         try:
             save_figure(fig, output)
         finally:
@@ -89,7 +98,39 @@ def print_compare(data, title: str) -> None:
     console.print(COMPARE_LEGEND, style="dim", highlight=False)
 
 
+def _bounds(lo: float, hi: float, fmt: str = "{:.4g}") -> str:
+    return "-" if lo != lo else f"[{fmt.format(lo)}, {fmt.format(hi)}]"
+
+
+def print_seed_comparison(data, groups: dict[str, str], seeds: dict[str, int | None]) -> None:
+    """Configurations as means over their seeds, and each one's paired difference from the first."""
+    summary = seed_summary(data, groups)
+    summary.insert(2, "val 95%", [_bounds(lo, hi) for lo, hi in zip(summary["val_lo"], summary["val_hi"],
+                                                                     strict=True)])
+    print_table(summary.drop(columns=["val_lo", "val_hi"]).rename(columns=COMPARE_LABELS),
+                "configurations compared: means over their seeds")
+    console.print("val 95%: interval of the mean final validation loss across seeds (Student's t). "
+                  + COMPARE_LEGEND, style="dim", highlight=False)
+    diffs = paired_differences(data, groups, seeds)
+    for name, row in diffs.iterrows():
+        if row["pairs"] < 2:
+            console.print(f"{name}: {row['pairs']} shared seed(s), too few for an interval", highlight=False)
+            continue
+        verdict = "beyond" if row["beyond_noise"] else "within"
+        console.print(f"{name}: final validation loss {row['difference']:+.4f}, 95% interval "
+                      f"{_bounds(row['lo'], row['hi'], '{:+.4f}')} over {row['pairs']} paired seeds: "
+                      f"[bold]{verdict} the seed-to-seed noise[/]", highlight=False)
+
+
 @friendly_errors
 def compare_cmd(runs: Annotated[list[Path], typer.Argument(help="Run folders.")]) -> None:
-    """A table: final validation loss, top/bottom-layer variance ratio, deep shortcut/branch ratio, gates."""
-    print_compare(load_runs(runs), "runs compared")
+    """A table: final validation loss, top/bottom-layer variance ratio, deep shortcut/branch ratio, gates.
+
+    Runs of one configuration with different seeds (train --seeds) are grouped: mean ± a 95% interval
+    across seeds, and each configuration's paired difference of final validation loss from the first."""
+    data = load_runs(runs)
+    groups, seeds = run_groups(runs)
+    if grouped(groups):
+        print_seed_comparison(data, groups, seeds)
+    else:
+        print_compare(data, "runs compared")

@@ -10,8 +10,8 @@ import typer
 
 from gpas_probe.cli.common import console, friendly_errors, progress_bar, reported_by_rank0, setup_logging
 from gpas_probe.config import ModelConfig, NormScheme, TrainConfig
-from gpas_probe.distributed import check_launch, distributed
-from gpas_probe.launch import TrainOptions, run_label
+from gpas_probe.distributed import DistContext, check_launch, distributed
+from gpas_probe.launch import TrainOptions, parse_seeds, run_label, seed_runs
 from gpas_probe.probes import FAMILIES
 from gpas_probe.training import StepInfo, TrainResult, train
 
@@ -43,6 +43,8 @@ def train_cmd(
     batch_size: Annotated[int | None, Opt(help="Sequences per step.")] = None,
     seq_len: Annotated[int | None, Opt(help="Tokens per sequence.")] = None,
     seed: Annotated[int | None, Opt(help="Seed for init and batches.")] = None,
+    seeds: Annotated[str | None, Opt(help="Several seeds, one run each (e.g. 0,1,2): into OUT-seed0, OUT-seed1, "
+                                          "...; compare and plot group them.")] = None,
     data: Annotated[str | None, Opt(help="'builtin' (Python's stdlib source), a text file, or .npy/.bin tokens.")
                     ] = None,
     out: Annotated[Path | None, Opt("--out", "-o", help="Run directory (default runs/PRESET-NORM[-gpas]).")] = None,
@@ -76,17 +78,24 @@ def train_cmd(
     options = TrainOptions(preset=preset, norm=norm, gpas=gpas, gate=gate, naive=naive, fixed_gate=fixed_gate,
                            post_layers=post_layers, train=training, probe_every=probe_every,
                            probe_schedule=probe_schedule, probe_stats=probe_stats, out=out)
+    seed_list = parse_seeds(seeds) if seeds is not None else None
     check_launch(dist)
     with distributed(dist, device) as ctx, reported_by_rank0(ctx):
-        model, tc, probe, run_dir = options.build(ctx)
-        if not ctx.is_main and not logging.getLogger().isEnabledFor(logging.INFO):
-            logging.getLogger().setLevel(logging.ERROR)  # without -v, warnings come from rank 0 alone
-        label = run_label(model, ctx)
-        result = run_with_progress(model, tc, run_dir, label, show=ctx.is_main, resume=resume, overwrite=overwrite,
-                                   probe=probe, dist=ctx)
-        if not ctx.is_main:
-            return
-        val = result.final_val_loss
-        console.print(f"trained {label} to step {result.step}"
-                      + (f", validation loss {val:.4f}" if val is not None else "") + f"; run in {run_dir}"
-                      + (f" (probes in {run_dir / 'probes'})" if probe else ""))
+        runs = seed_runs(options, seed_list, ctx) if seed_list else [options]
+        for run in runs:
+            _train_one(run, ctx, resume, overwrite)
+
+
+def _train_one(options: TrainOptions, ctx: DistContext, resume: bool, overwrite: bool) -> None:
+    model, tc, probe, run_dir = options.build(ctx)
+    if not ctx.is_main and not logging.getLogger().isEnabledFor(logging.INFO):
+        logging.getLogger().setLevel(logging.ERROR)  # without -v, warnings come from rank 0 alone
+    label = run_label(model, ctx) + (f" seed {tc.seed}" if options.train.get("seed") is not None else "")
+    result = run_with_progress(model, tc, run_dir, label, show=ctx.is_main, resume=resume, overwrite=overwrite,
+                               probe=probe, dist=ctx)
+    if not ctx.is_main:
+        return
+    val = result.final_val_loss
+    console.print(f"trained {label} to step {result.step}"
+                  + (f", validation loss {val:.4f}" if val is not None else "") + f"; run in {run_dir}"
+                  + (f" (probes in {run_dir / 'probes'})" if probe else ""))

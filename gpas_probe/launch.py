@@ -3,6 +3,7 @@ every bad value is one ``ValueError`` line (and, under ``torchrun``, the same er
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -88,6 +89,27 @@ class TrainOptions:
             raise mark_shared(mark_quiet(e) if not ctx.is_main else e) from None
         out = self.out or Path("runs") / f"{self.preset}-{model.norm.value}{'-gpas' if model.gpas else ''}"
         return model, train, probe, out
+
+
+def parse_seeds(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``: distinct non-negative integers, or a one-line error."""
+    try:
+        seeds = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds must be a comma list of integers such as 0,1,2, got {text!r}") from None
+    if not seeds or any(s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+        raise ValueError(f"--seeds must list distinct non-negative integers, got {text!r}")
+    return seeds
+
+
+def seed_runs(options: TrainOptions, seeds: list[int], ctx: DistContext | None = None) -> list[TrainOptions]:
+    """One copy of ``options`` per seed, each into ``OUT-seedN`` (``OUT`` the run folder the options name):
+    sibling folders whose names group them (:mod:`gpas_probe.analysis.seeds`)."""
+    if options.train.get("seed") is not None:
+        raise ValueError("--seed and --seeds exclude each other: one seed, or one run per seed")
+    out = options.build(ctx)[3]
+    return [dataclasses.replace(options, train={**options.train, "seed": seed},
+                                out=out.with_name(f"{out.name}-seed{seed}")) for seed in seeds]
 
 
 def run_label(model: ModelConfig, ctx: DistContext | None = None) -> str:

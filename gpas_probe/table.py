@@ -7,13 +7,14 @@ String columns may be plain strings or pandas categoricals.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from gpas_probe.store.schema import GATE_SITES
+from gpas_probe.intervals import LEVEL, t_quantile
+from gpas_probe.store.schema import GATE_SITES, KEY_COLUMNS, as_table_frame
 
 #: The statistics recorded for each GPAS gate.
 GATE_STATS = ("alpha", "silu_alpha", "scale", "alpha_grad")
@@ -108,3 +109,25 @@ def gate_values(data: pd.DataFrame, stat: str = "scale") -> pd.DataFrame:
             alpha["value"] = scale_from_alpha(alpha["value"])
             direct = pd.concat([direct, alpha], ignore_index=True)
     return direct.drop(columns="stat").sort_values(["run_id", "site", "layer", "step"], ignore_index=True)
+
+
+def aggregate_runs(data: pd.DataFrame, groups: Mapping[str, str]) -> pd.DataFrame:
+    """The long table with each group of runs (``run_id -> group``, e.g. the seeds of one configuration)
+    as one run named after the group: every statistic is the mean over the group's runs at that step, with
+    ``{stat}_lo``/``{stat}_hi`` rows for the 95% interval of that mean across runs (Student's t; none for a
+    statistic only one run recorded). Runs not in ``groups`` stay as they are; intervals the runs carried
+    themselves are dropped (they describe one run's evaluation data, not the spread across runs)."""
+    stats = data["stat"].astype(str)
+    rows = data[~(stats.str.endswith("_lo") | stats.str.endswith("_hi")).to_numpy()]
+    group = rows["run_id"].astype(str).map(lambda r: groups.get(r, r))
+    by = rows.assign(run_id=group).groupby(["run_id", *KEY_COLUMNS], observed=True, sort=False)["value"]
+    agg = by.agg(["mean", "std", "count"]).reset_index()
+    quantiles = {n: t_quantile(0.5 + LEVEL / 2, n - 1) for n in agg["count"].unique() if n > 1}
+    half = agg["count"].map(quantiles).astype(float) * agg["std"] / np.sqrt(agg["count"])
+    spread = agg[agg["count"] > 1]
+    parts = [agg.assign(value=agg["mean"])]
+    for end, sign in (("_lo", -1.0), ("_hi", 1.0)):
+        parts.append(spread.assign(value=spread["mean"] + sign * half[spread.index],
+                                   stat=spread["stat"].astype(str) + end))
+    out = pd.concat(parts, ignore_index=True)
+    return as_table_frame(out[["run_id", *KEY_COLUMNS, "value"]])

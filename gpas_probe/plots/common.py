@@ -103,11 +103,14 @@ def layer_norm(layers: np.ndarray) -> Normalize:
     return Normalize(vmin=lo, vmax=hi if hi > lo else lo + 1)
 
 
-def with_bounds(data: pd.DataFrame, stat: str, keys: Sequence[str], **equal: object) -> pd.DataFrame:
-    """Mean ``value`` of per-layer ``stat`` rows per ``keys`` (rows chosen by ``equal``, see
-    :func:`~gpas_probe.table.select`), with columns ``lo`` and ``hi`` from its ``{stat}_lo``/``{stat}_hi``
-    rows where a profile recorded them (NaN elsewhere)."""
-    rows = layer_rows(select(data, stat=[stat, f"{stat}_lo", f"{stat}_hi"], **equal))
+def with_bounds(data: pd.DataFrame, stat: str, keys: Sequence[str], *, per_layer: bool = True,
+                **equal: object) -> pd.DataFrame:
+    """Mean ``value`` of ``stat`` rows (per-layer ones unless ``per_layer=False``) per ``keys`` (rows chosen
+    by ``equal``, see :func:`~gpas_probe.table.select`), with columns ``lo`` and ``hi`` from its
+    ``{stat}_lo``/``{stat}_hi`` rows where recorded (a profile's intervals, or the spread across seeds of
+    :func:`~gpas_probe.table.aggregate_runs`; NaN elsewhere)."""
+    rows = select(data, stat=[stat, f"{stat}_lo", f"{stat}_hi"], **equal)
+    rows = layer_rows(rows) if per_layer else rows
     table = mean_by(rows, [*keys, "stat"])
     out = table[table["stat"] == stat].drop(columns="stat").reset_index(drop=True)
     for end in ("lo", "hi"):
@@ -116,8 +119,10 @@ def with_bounds(data: pd.DataFrame, stat: str, keys: Sequence[str], **equal: obj
     return out
 
 
-def draw_band(ax: Axes, x: np.ndarray, lo: pd.Series, hi: pd.Series, color: object) -> None:
-    """A 95% band between ``lo`` and ``hi`` (nothing where they were not recorded)."""
-    if lo.notna().any():
-        ax.fill_between(x, lo.to_numpy(dtype=float), hi.to_numpy(dtype=float), color=color, alpha=0.2,
-                        linewidth=0, label="_95% interval")
+def draw_band(ax: Axes, x: np.ndarray, lo: pd.Series, hi: pd.Series, color: object) -> bool:
+    """A 95% band between ``lo`` and ``hi`` (nothing where they were not recorded); True when drawn."""
+    if not lo.notna().any():
+        return False
+    ax.fill_between(x, lo.to_numpy(dtype=float), hi.to_numpy(dtype=float), color=color, alpha=0.2,
+                    linewidth=0, label="_95% interval")
+    return True

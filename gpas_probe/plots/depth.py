@@ -201,7 +201,8 @@ def shortcut_ratio(data: pd.DataFrame, ax: Axes | None = None, *, runs: Iterable
 
 def grad_norm(data: pd.DataFrame, ax: Axes | None = None, *, view: str = "params", runs: Iterable[str] | None = None,
               site: str = "resid_post", last: int = 1, legend: bool = True) -> Axes:
-    """Gradient (or activation) size by layer, one line per run, log y, averaged over the last ``last`` steps.
+    """Gradient (or activation) size by layer, one line per run, log y, averaged over the last ``last`` steps
+    (with a band where the rows carry bounds: a group of seeds, :func:`~gpas_probe.table.aggregate_runs`).
 
     ``view``: ``'params'`` the per-layer parameter gradient norm; ``'bwd'`` the RMS of the gradient with
     respect to ``site`` (backward view); ``'fwd'`` the RMS of the activation at ``site`` (forward view).
@@ -215,14 +216,14 @@ def grad_norm(data: pd.DataFrame, ax: Axes | None = None, *, view: str = "params
     runs = run_list(data, runs)
     fixed_site, direction, stat = GRAD_VIEWS[view]
     site = fixed_site or site
-    table = mean_by(layer_rows(select(data, stat=stat, site=site, direction=direction, run_id=runs)),
-                    ["run_id", "step", "layer"])
+    table = with_bounds(data, stat, ["run_id", "step", "layer"], site=site, direction=direction, run_id=runs)
     ax, colors, missing, steps_by_run = _start(ax, runs)
     for run, rows in _by_run(table, runs, missing):
         rows, steps_by_run[run] = _last_steps(rows, last)
-        profile = rows.groupby("layer", sort=True)["value"].mean()
-        ax.plot(profile.index.to_numpy(), positive(profile.to_numpy()), color=colors[run], marker="o", markersize=3.5,
-                linewidth=1.6, label=run)
+        profile = rows.groupby("layer", sort=True)[["value", "lo", "hi"]].mean()
+        ax.plot(profile.index.to_numpy(), positive(profile["value"].to_numpy()), color=colors[run], marker="o",
+                markersize=3.5, linewidth=1.6, label=run)
+        draw_band(ax, profile.index.to_numpy(), profile["lo"], profile["hi"], colors[run])
     what = "parameter gradient norm" if view == "params" else quantity_label(site, direction, stat)
     if not steps_by_run:
         raise MissingDataError(f"no run has {what} ({stat!r} at {site!r}, {direction!r}); runs: {runs}")

@@ -18,10 +18,12 @@ from gpas_probe.plots.common import (
     MissingDataError,
     annotate_missing,
     check_frame,
+    draw_band,
     layer_norm,
     log_y,
     pick_run,
     run_colors,
+    with_bounds,
 )
 from gpas_probe.store.schema import GATE_SITES
 from gpas_probe.table import gate_values, mean_by, run_list, select
@@ -73,7 +75,8 @@ def gates(data: pd.DataFrame, ax: Axes | None = None, *, run: str | None = None,
 
 def loss_curves(data: pd.DataFrame, ax: Axes | None = None, *, runs: Iterable[str] | None = None, val: bool = True,
                 smooth: int | None = None, logy: bool = False, legend: bool = True) -> Axes:
-    """Training loss vs step, one line per run, with ``val_loss`` as markers of the same colour.
+    """Training loss vs step, one line per run, with ``val_loss`` as markers of the same colour (and a band
+    where the rows carry bounds: a group of seeds, :func:`~gpas_probe.table.aggregate_runs`).
 
     ``smooth`` is a centred rolling-mean window (in recorded points) for the training loss. Runs without
     loss rows are named in a note; if no run has any, ``MissingDataError``.
@@ -84,9 +87,10 @@ def loss_curves(data: pd.DataFrame, ax: Axes | None = None, *, runs: Iterable[st
     runs = run_list(data, runs)
     stats = ["loss", "val_loss"] if val else ["loss"]
     table = mean_by(select(data, stat=stats, site="model", run_id=runs), ["run_id", "stat", "step"])
+    bounds = with_bounds(data, "loss", ["run_id", "step"], per_layer=False, site="model", run_id=runs)
     ax = plt.gca() if ax is None else ax
     colors = run_colors(runs)
-    missing = []
+    missing, banded = [], False
     for run in runs:
         rows = table[table["run_id"] == run]
         train = rows[rows["stat"] == "loss"]
@@ -99,6 +103,8 @@ def loss_curves(data: pd.DataFrame, ax: Axes | None = None, *, runs: Iterable[st
             if smooth:
                 y = y.rolling(smooth, center=True, min_periods=1).mean()
             ax.plot(train["step"].to_numpy(), y.to_numpy(), color=colors[run], linewidth=1.5, label=run)
+            band = bounds[bounds["run_id"] == run]
+            banded |= draw_band(ax, band["step"].to_numpy(), band["lo"], band["hi"], colors[run])
         if not valid.empty:
             ax.plot(valid["step"].to_numpy(), valid["value"].to_numpy(), color=colors[run], linestyle="none",
                     marker="D", markersize=6, markeredgecolor="black", markeredgewidth=0.7, zorder=3,
@@ -110,7 +116,8 @@ def loss_curves(data: pd.DataFrame, ax: Axes | None = None, *, runs: Iterable[st
     ax.set_xlabel("training step")
     ylabel = "loss (nats/token" + (", log scale)" if logy else ")")
     ax.set_ylabel(ylabel if not smooth else f"{ylabel}, rolling mean of {smooth}")
-    ax.set_title("training loss" + (" (lines) and validation loss (markers)" if val else ""))
+    ax.set_title("training loss" + (" (lines) and validation loss (markers)" if val else "")
+                 + ("; bands: 95% intervals" if banded else ""))
     ax.grid(True, alpha=0.3)
     if missing:
         ax.text(0.01, 0.01, f"no loss: {', '.join(missing)}", transform=ax.transAxes, fontsize="small", color="0.35")
