@@ -98,7 +98,7 @@ def print_compare(data, title: str) -> None:
     console.print(COMPARE_LEGEND, style="dim", highlight=False)
 
 
-def _bounds(lo: float, hi: float, fmt: str = "{:.4g}") -> str:
+def _bounds(lo: float, hi: float, fmt: str = "{:.3f}") -> str:
     return "-" if lo != lo else f"[{fmt.format(lo)}, {fmt.format(hi)}]"
 
 
