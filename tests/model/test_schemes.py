@@ -6,7 +6,9 @@ softmax attention (explicit mask, no SDPA) and SwiGLU, in float64, fed with the 
 
 from __future__ import annotations
 
+import copy
 import math
+import zlib
 from typing import Any
 
 import pytest
@@ -195,7 +197,7 @@ CASES = [(s, g) for s in SCHEMES for g in (None, "layer", "sublayer")]
 @pytest.mark.parametrize("qkv_bias", [False, True])
 def test_forward_matches_reference(scheme: str, gpas_mode: str | None, qkv_bias: bool) -> None:
     model = _model(scheme, gpas_mode, qkv_bias=qkv_bias)
-    _randomize(model, seed=hash((scheme, gpas_mode)) % 1000)
+    _randomize(model, seed=zlib.crc32(f"{scheme}-{gpas_mode}-{qkv_bias}".encode()) % 1000)
     _check(model, scheme)
 
 
@@ -234,13 +236,17 @@ def test_layer_gates_shared_sublayer_gates_distinct() -> None:
 def _check(model: torch.nn.Module, scheme: str) -> None:
     cfg = model.config
     ids = torch.randint(0, cfg.vocab_size, (2, 11), generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        hidden = model.hidden_states(ids)
-        logits = model(ids).logits
     ref_hidden, ref_logits = reference_forward(model_weights(model), ids, scheme, cfg.num_heads, cfg.num_kv_heads,
                                                cfg.post_layers, cfg.rope_theta)
-    torch.testing.assert_close(hidden.double(), ref_hidden, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(logits.double(), ref_logits, rtol=1e-5, atol=1e-5)
+    # In float64 the model must agree with the reference to rounding (measured: under 1e-7); in float32,
+    # to float32's rounding through a deep stack (errors up to ~1.3e-5 on logits of size ~1 were seen).
+    for dtype, tol in ((torch.float64, 1e-6), (torch.float32, 1e-4)):
+        run = copy.deepcopy(model).to(dtype)
+        with torch.no_grad():
+            hidden = run.hidden_states(ids)
+            logits = run(ids).logits
+        torch.testing.assert_close(hidden.double(), ref_hidden, rtol=tol, atol=tol)
+        torch.testing.assert_close(logits.double(), ref_logits, rtol=tol, atol=tol)
 
 
 # ----------------------------------------------------------------------------- init
