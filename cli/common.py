@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -11,9 +12,10 @@ from typing import Any, TypeVar
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress
 
 from gpas_probe.distributed import DistContext, mark_quiet
+from gpas_probe.progress import bar_columns
 
 console = Console()
 err_console = Console(stderr=True)
@@ -72,9 +74,31 @@ def reported_by_rank0(ctx: DistContext) -> Iterator[None]:
         raise
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record arrives (it may be replaced between commands
+    run in one process)."""
+
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:
+        pass
+
+
 def setup_logging(verbose: bool) -> None:
+    """Warnings (everything with ``verbose``) as ``LEVEL name: message``; progress lines (where output is
+    not a terminal: :mod:`gpas_probe.progress`) as they are, always."""
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    progress = logging.getLogger("gpas_probe.progress")
+    if not progress.handlers:
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        progress.addHandler(handler)
+        progress.setLevel(logging.INFO)
+        progress.propagate = False
 
 
 @contextmanager
@@ -84,11 +108,7 @@ def progress_bar(description: str, total: int, fields: str = "", *, lazy: bool =
 
     ``lazy``: the bar appears with its first update (so an error during set-up prints alone).
     """
-    columns = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn()]
-    if fields:
-        columns.append(TextColumn(fields))
-    columns += [TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
-    progress = Progress(*columns, console=err_console, transient=False)
+    progress = Progress(*bar_columns(fields), console=err_console, transient=False)
     task = progress.add_task(description, total=total, **initial)
     if lazy:
         update = progress.update

@@ -10,10 +10,10 @@ import typer
 
 from gpas_probe.cli.analyze import print_compare
 from gpas_probe.cli.common import console, friendly_errors, setup_logging
-from gpas_probe.cli.train import run_with_progress
 from gpas_probe.config import NormScheme
 from gpas_probe.demo import DEMO_FIGURES, demo_probe_config, demo_runs, prepare_demo_dir, render_figures
 from gpas_probe.store import load_runs
+from gpas_probe.training import train
 
 Opt = typer.Option
 
@@ -36,7 +36,7 @@ def demo_cmd(
     folders = []
     for run in runs:
         folder = out / run.folder
-        run_with_progress(run.model, run.train, folder, run.label, probe=demo_probe_config(probe_every))
+        train(run.model, run.train, folder, probe=demo_probe_config(probe_every), label=run.label)
         folders.append(folder)
     data = load_runs(folders)
     figures = render_figures(data, out / "figures")

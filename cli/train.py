@@ -8,32 +8,19 @@ from typing import Annotated
 
 import typer
 
-from gpas_probe.cli.common import console, friendly_errors, progress_bar, reported_by_rank0, setup_logging
-from gpas_probe.config import ModelConfig, NormScheme, TrainConfig
+from gpas_probe.cli.common import console, friendly_errors, reported_by_rank0, setup_logging
+from gpas_probe.config import NormScheme
 from gpas_probe.distributed import DistContext, check_launch, distributed
 from gpas_probe.launch import TrainOptions, parse_seeds, run_label, seed_runs
 from gpas_probe.probes import FAMILIES
-from gpas_probe.training import StepInfo, TrainResult, train
+from gpas_probe.training import StepInfo, train
 
 Opt = typer.Option
 
 
-def run_with_progress(model: ModelConfig, tc: TrainConfig, out: Path, label: str, *,
-                      show: bool = True, **kw) -> TrainResult:
-    """:func:`train` with a progress bar (none when not ``show``: the other ranks of a torchrun launch)."""
-    if not show:
-        return train(model, tc, out, **kw)
-    with progress_bar(label, tc.steps, "loss {task.fields[loss]} | {task.fields[tps]} tok/s", lazy=True,
-                      loss="-", tps="-") as (bar, task):
-
-        def on_step(info: StepInfo) -> None:
-            bar.update(task, completed=info.step, loss=f"{info.loss:.3f}", tps=f"{info.tokens_per_s:,.0f}")
-
-        return train(model, tc, out, callback=on_step, **kw)
-
-
 @friendly_errors
 def train_cmd(
+    typer_ctx: typer.Context,
     preset: Annotated[str, Opt(help="Model/training preset: tiny, small, medium, 71m ... 7b.")] = "small",
     norm: Annotated[str, Opt(help="Normalization scheme: " + ", ".join(m.value for m in NormScheme) + ".")] = "pre",
     gpas: Annotated[bool, Opt("--gpas/--no-gpas", help="Add GPAS gates.")] = False,
@@ -48,11 +35,15 @@ def train_cmd(
     data: Annotated[str | None, Opt(help="'builtin' (Python's stdlib source), a text file, or .npy/.bin tokens.")
                     ] = None,
     out: Annotated[Path | None, Opt("--out", "-o", help="Run directory (default runs/PRESET-NORM[-gpas]).")] = None,
-    checkpoint_every: Annotated[int | None, Opt(help="Checkpoint every N steps (0 = only at the end).")] = None,
+    checkpoint_every: Annotated[int | None, Opt(help="Keep a checkpoint every N steps (0 = only the final one).")
+                                ] = None,
+    autosave: Annotated[float | None, Opt(help="Seconds at least between automatic resume checkpoints (default 60, "
+                                               "longer when saving is slow; 0 = off).")] = None,
     eval_every: Annotated[int | None, Opt(help="Validation every N steps (0 = only at the end).")] = None,
     grad_clip: Annotated[float | None, Opt(help="Global gradient-norm clip (0 = off).")] = None,
     clip_gate_grad: Annotated[float | None, Opt(help="Joint GPAS gate-gradient clip (0 = off).")] = None,
-    gate: Annotated[str, Opt(help="One GPAS gate per layer, or per sub-layer: layer, sublayer.")] = "layer",
+    gate: Annotated[str | None, Opt(help="With --gpas: one gate per layer, or per sub-layer: layer (default), "
+                                         "sublayer.")] = None,
     naive: Annotated[bool, Opt("--naive", help="Ablation: scale without the stop-gradient.")] = False,
     fixed_gate: Annotated[float | None, Opt(help="Freeze every gate's alpha at this value.")] = None,
     post_layers: Annotated[int | None, Opt(help="Mix-LN: number of leading post-norm layers (default L//4).")] = None,
@@ -60,7 +51,9 @@ def train_cmd(
                       ] = "auto",
     dist: Annotated[str, Opt(help="Under torchrun: ddp, or fsdp (FSDP2); --batch-size is per process.")] = "none",
     compile: Annotated[bool, Opt("--compile", help="torch.compile the model.")] = False,
-    resume: Annotated[bool, Opt("--resume", help="Continue the run in --out from its latest checkpoint.")] = False,
+    resume: Annotated[bool, Opt("--resume", help="Continue the run in --out from its latest checkpoint, with its own "
+                                                 "settings (options given here may change steps, evaluation, "
+                                                 "checkpoints, device and probes).")] = False,
     overwrite: Annotated[bool, Opt("--overwrite", help="Replace a run already in --out.")] = False,
     probe_every: Annotated[int, Opt(help="Record probes on step 1 and every N steps (0 = off).")] = 10,
     probe_schedule: Annotated[str, Opt(help="'every' N steps, or 'log' (log-spaced steps plus every N).")] = "every",
@@ -73,26 +66,43 @@ def train_cmd(
     """
     setup_logging(verbose)
     training = dict(steps=steps, lr=lr, warmup=warmup, batch_size=batch_size, seq_len=seq_len, seed=seed, data=data,
-                    checkpoint_every=checkpoint_every, eval_every=eval_every, grad_clip=grad_clip,
+                    checkpoint_every=checkpoint_every, autosave=autosave, eval_every=eval_every, grad_clip=grad_clip,
                     gate_clip=clip_gate_grad, device=device, compile=compile or None)
     options = TrainOptions(preset=preset, norm=norm, gpas=gpas, gate=gate, naive=naive, fixed_gate=fixed_gate,
                            post_layers=post_layers, train=training, probe_every=probe_every,
                            probe_schedule=probe_schedule, probe_stats=probe_stats, out=out)
     seed_list = parse_seeds(seeds) if seeds is not None else None
     check_launch(dist)
+    given = _given(typer_ctx)
     with distributed(dist, device) as ctx, reported_by_rank0(ctx):
         runs = seed_runs(options, seed_list, ctx) if seed_list else [options]
         for run in runs:
-            _train_one(run, ctx, resume, overwrite)
+            _train_one(run, ctx, given if resume else None, overwrite)
 
 
-def _train_one(options: TrainOptions, ctx: DistContext, resume: bool, overwrite: bool) -> None:
-    model, tc, probe, run_dir = options.build(ctx)
+def _given(typer_ctx: typer.Context) -> set[str]:
+    """The options typed on the command line, by their :class:`TrainOptions` names."""
+    names = {"clip_gate_grad": "gate_clip"}
+    return {names.get(name, name) for name in typer_ctx.params
+            if getattr(typer_ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"}
+
+
+def _train_one(options: TrainOptions, ctx: DistContext, resume_given: set[str] | None, overwrite: bool) -> None:
+    resume = resume_given is not None
+    model, tc, probe, run_dir = options.for_resume(resume_given, ctx) if resume else options.build(ctx)
     if not ctx.is_main and not logging.getLogger().isEnabledFor(logging.INFO):
         logging.getLogger().setLevel(logging.ERROR)  # without -v, warnings come from rank 0 alone
     label = run_label(model, ctx) + (f" seed {tc.seed}" if options.train.get("seed") is not None else "")
-    result = run_with_progress(model, tc, run_dir, label, show=ctx.is_main, resume=resume, overwrite=overwrite,
-                               probe=probe, dist=ctx)
+    announced: list[int] = []
+
+    def announce(info: StepInfo) -> None:  # once the resume has passed every check and its first step ran
+        if resume and ctx.is_main and not announced:
+            announced.append(info.step)
+            console.print(f"resumed {run_dir} ({label}) from its checkpoint of step {info.step - 1}, "
+                          f"to step {tc.steps}", highlight=False)
+
+    result = train(model, tc, run_dir, resume=resume, overwrite=overwrite, probe=probe, dist=ctx, label=label,
+                   progress="auto" if ctx.is_main else "off", meta={"preset": options.preset}, callback=announce)
     if not ctx.is_main:
         return
     val = result.final_val_loss

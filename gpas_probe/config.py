@@ -133,6 +133,12 @@ class ModelConfig:
         """DeepNorm's shortcut multiplier ``a = (2L)^(1/4)``; 1 for every other scheme."""
         return (2 * self.num_layers) ** 0.25 if self.norm is NormScheme.DEEPNORM else 1.0
 
+    def label(self) -> str:
+        """The scheme in a word: ``pre``, ``pre+gpas``, ``pre+naive`` (the no-stop-gradient ablation)."""
+        if not self.gpas:
+            return self.norm.value
+        return f"{self.norm.value}+{'naive' if self.gpas_mode is ScalingMode.NAIVE else 'gpas'}"
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         for k, v in d.items():
@@ -186,7 +192,9 @@ class TrainConfig:
     gate_clip: float = 0.0  # joint GPAS gate-gradient clip, after the global clip; 0 = off
     eval_every: int = 50  # 0 = only at the end
     eval_batches: int = 4
-    checkpoint_every: int = 0  # 0 = only at the end
+    checkpoint_every: int = 0  # 0 = only at the end (and autosaves)
+    autosave: float = 60.0  # seconds at least between automatic resume checkpoints; 0 = off
+    schedule_steps: int | None = None  # the cosine's length; None = steps (a resumed, extended run keeps its own)
     data: str = "builtin"  # "builtin", a text file, a .npy/.bin token file
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     compile: bool = False
@@ -200,6 +208,10 @@ class TrainConfig:
             raise ValueError(f"warmup must be >= 0, got {self.warmup}")
         if self.lr <= 0:
             raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.autosave < 0:
+            raise ValueError(f"autosave must be >= 0 seconds, got {self.autosave}")
+        if self.checkpoint_every < 0:
+            raise ValueError(f"checkpoint every must be >= 0, got {self.checkpoint_every}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

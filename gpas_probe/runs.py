@@ -1,15 +1,17 @@
 """Run folders: ``run.json`` (configs, versions), ``checkpoints/step_NNNNNN/`` and ``probes/``.
 
-A new run gets a fresh folder; a resumed run's configuration must match the one it was started with;
-resuming restores the latest checkpoint's weights and trainer state, clears what interrupted writes
-left behind and drops probe rows recorded after that checkpoint (see :mod:`gpas_probe.training`).
+A new run gets a fresh folder; a resumed run's model and arithmetic must match the ones it was started
+with (:data:`ARITHMETIC`). Resuming restores the latest checkpoint's weights and trainer state, clears
+what interrupted writes left behind and drops probe rows recorded after that checkpoint (see
+:mod:`gpas_probe.training`); with no checkpoint it is refused.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import shutil
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +20,10 @@ import torch
 from gpas_probe._version import __version__
 from gpas_probe.atomic import remove_temporaries, temporary_file, write_text_atomic
 from gpas_probe.checkpoints import assign_weights, read_weights, step_checkpoints
-from gpas_probe.checkpoints.steps import CHECKPOINTS_DIR, step_dir_name
+from gpas_probe.checkpoints.steps import CHECKPOINTS_DIR, step_dir_name, step_from_name
 from gpas_probe.config import ModelConfig, TrainConfig
+from gpas_probe.jsonfile import read_object
+from gpas_probe.lock import LOCK_FILE, RunLock, clear_folder
 from gpas_probe.model import Transformer
 from gpas_probe.store import PROBES_DIR, truncate_after
 
@@ -38,11 +42,10 @@ def run_meta(model_config: ModelConfig, train_config: TrainConfig, extra: dict[s
 def read_run_meta(path: Path) -> dict[str, Any]:
     """A run's ``run.json`` (the file's path), checked to be one of ours."""
     try:
-        meta = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        meta = read_object(path, "a run's metadata")
+    except OSError as e:
         raise ValueError(f"{path}: unreadable run metadata ({e})") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("model_config"), dict) \
-            or not isinstance(meta.get("train_config"), dict):
+    if not isinstance(meta.get("model_config"), dict) or not isinstance(meta.get("train_config"), dict):
         raise ValueError(f"{path}: not a gpas-probe run (model_config/train_config missing)")
     return meta
 
@@ -52,12 +55,40 @@ def checkpoint_path(run_dir: Path, step: int) -> Path:
     return run_dir / CHECKPOINTS_DIR / step_dir_name(step)
 
 
-def prepare_run_dir(out: Path, meta: dict[str, Any], resume: bool, overwrite: bool) -> None:
-    """Create ``out`` for a new run, or check that a resumed run's configuration matches.
+#: TrainConfig fields that change what training computes: a resumed run must keep them. The others
+#: (steps, evaluation, checkpoints, device, compile) may change on resume.
+ARITHMETIC = ("lr", "warmup", "min_lr_ratio", "batch_size", "seq_len", "seed", "weight_decay", "betas", "grad_clip",
+              "gate_clip", "data")
 
-    A folder holding a run (``run.json``) is refused unless ``resume`` (same configuration; only
-    ``steps`` and ``device`` may change, and the number of processes may not) or ``overwrite``
-    (the folder is replaced). ``resume`` needs a run to continue. Nothing is written on refusal.
+
+def _differences(old: dict[str, Any], new: dict[str, Any], keys: Any) -> list[str]:
+    return sorted(k for k in keys if old.get(k) != new.get(k))
+
+
+def check_resumable(out: Path, old: dict[str, Any], meta: dict[str, Any]) -> None:
+    """Refuse to resume the run of ``old`` (its ``run.json``) with a model, arithmetic or process count
+    of ``meta`` that differs."""
+    meta = json.loads(json.dumps(meta))  # compare as stored (tuples become lists)
+    diff = _differences(old["model_config"], meta["model_config"], meta["model_config"].keys())
+    if diff:
+        raise ValueError(f"{out}: --resume with a model configuration that differs from the run's: {diff}")
+    diff = _differences(old["train_config"], meta["train_config"], ARITHMETIC)
+    if diff:
+        shown = ", ".join(f"{k} (run: {old['train_config'].get(k)!r}, now: {meta['train_config'].get(k)!r})"
+                          for k in diff)
+        raise ValueError(f"{out}: --resume with training settings that differ from the run's: {shown}")
+    was, now = old.get("world_size", 1), meta.get("world_size", 1)
+    if was != now:
+        raise ValueError(f"{out}: --resume on {now} process(es), but the run was trained on {was} "
+                         "(the global batch would change)")
+
+
+def prepare_run_dir(out: Path, meta: dict[str, Any], resume: bool, overwrite: bool) -> dict[str, Any] | None:
+    """Set up ``out`` for a new run, or check that a resumed run may continue; returns the resumed
+    run's ``run.json`` (None for a new run). The caller holds the folder's lock (:mod:`gpas_probe.lock`).
+
+    A folder holding a run (``run.json``) is refused unless ``resume`` (see :func:`check_resumable`) or
+    ``overwrite`` (the folder is emptied). ``resume`` needs a run to continue. Nothing is written on refusal.
     """
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other: continue the run, or replace it")
@@ -67,42 +98,58 @@ def prepare_run_dir(out: Path, meta: dict[str, Any], resume: bool, overwrite: bo
     if meta_path.exists():
         if resume:
             old = read_run_meta(meta_path)
-            meta = json.loads(json.dumps(meta))  # compare as stored (tuples become lists)
-            if old.get("model_config") != meta["model_config"]:
-                diff = sorted(k for k in meta["model_config"] if old["model_config"].get(k) != meta["model_config"][k])
-                raise ValueError(f"{out}: --resume with a model configuration that differs from the run's: {diff}")
-            keep = {k: v for k, v in old["train_config"].items() if k not in ("steps", "device")}
-            new = {k: v for k, v in meta["train_config"].items() if k not in ("steps", "device")}
-            if keep != new:
-                diff = sorted(k for k in keep.keys() | new.keys() if keep.get(k) != new.get(k))
-                raise ValueError(f"{out}: --resume with training settings that differ from the run's: {diff}")
-            was, now = old.get("world_size", 1), meta.get("world_size", 1)
-            if was != now:
-                raise ValueError(f"{out}: --resume on {now} process(es), but the run was trained on {was} "
-                                 "(the global batch would change)")
-            return
+            check_resumable(out, old, meta)
+            return old
         if not overwrite:
             raise FileExistsError(f"{out} already holds a run; pass --overwrite to replace it or --resume")
-        shutil.rmtree(out)
+        clear_folder(out)
     elif resume:
         raise FileNotFoundError(f"{out}: no run to resume (no {RUN_META}); leave out --resume to start one")
     elif any((out / d).exists() for d in ("checkpoints", PROBES_DIR)):  # left by a set-up that never finished
         if not overwrite:
             raise FileExistsError(f"{out} holds checkpoints or probes but no {RUN_META}; pass --overwrite to "
                                   "replace them")
-        shutil.rmtree(out)
+        clear_folder(out)
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(meta_path, json.dumps(meta, indent=2) + "\n")
+    return None
 
 
-def prepare(run_dir: Path, meta: dict[str, Any], resume: bool, overwrite: bool) -> str | None:
-    """Rank 0: set up the run folder; on resume, check the probe chunks and find the checkpoint."""
-    prepare_run_dir(run_dir, meta, resume, overwrite)
-    if not resume:
+@dataclass
+class Resumed:
+    """Where a resumed run continues: its checkpoint, the step it holds, and the length of the run's
+    learning-rate schedule (fixed when the run started: a longer ``steps`` extends the run at the
+    schedule's final rate, it does not stretch the cosine)."""
+
+    checkpoint: str
+    step: int
+    schedule_steps: int
+
+
+def prepare(run_dir: Path, meta: dict[str, Any], resume: bool, overwrite: bool) -> Resumed | None:
+    """Rank 0, holding the folder's lock: set up the run folder; on resume, check the probe chunks and
+    find the checkpoint, or refuse when there is none."""
+    old = prepare_run_dir(run_dir, meta, resume, overwrite)
+    if old is None:
         return None
     truncate_after(run_dir / PROBES_DIR, 0, check_only=True)  # a corrupted chunk stops the resume here
     ckpts = step_checkpoints(run_dir)
-    return str(ckpts[-1]) if ckpts else None
+    if not ckpts:
+        raise FileNotFoundError(f"{run_dir}: nothing to resume from: the run stopped before its first checkpoint; "
+                                "pass --overwrite to start it again")
+    step = step_from_name(ckpts[-1]) or 0
+    was = old["train_config"]
+    return Resumed(str(ckpts[-1]), step, int(was.get("schedule_steps") or was["steps"]))
+
+
+def record_resume(run_dir: Path, meta: dict[str, Any], step: int) -> None:
+    """Rank 0, once the checkpoint has loaded: ``run.json`` takes the resumed settings (``steps``,
+    ``schedule_steps``, evaluation, device, probes ...) and notes the resume."""
+    old = read_run_meta(run_dir / RUN_META)
+    new = {**old, "train_config": meta["train_config"], "probe_config": meta.get("probe_config"),
+           "resumes": [*old.get("resumes", []), {"from_step": step, "steps": meta["train_config"]["steps"],
+                                                 "at": datetime.now(timezone.utc).isoformat(timespec="seconds")}]}
+    write_text_atomic(run_dir / RUN_META, json.dumps(new, indent=2, default=str) + "\n")
 
 
 def restore_weights(model: Transformer, ckpt: Path, device: torch.device) -> dict[str, Any]:
@@ -128,3 +175,48 @@ def tidy_resumed(run_dir: Path, step: int) -> None:
     dropped = truncate_after(run_dir / PROBES_DIR, step)
     if dropped:
         log.info("%s: probe rows after step %d dropped from %d chunk(s)", run_dir, step, len(dropped))
+
+
+@dataclass
+class OpenedRun:
+    """A run folder set up for writing (rank 0): its held lock, whether this call created the folder,
+    and where a resumed run continues (None for a new run)."""
+
+    lock: RunLock
+    created: bool
+    resumed: Resumed | None
+
+
+def open_run(run_dir: Path, meta: dict[str, Any], resume: bool, overwrite: bool) -> OpenedRun:
+    """Rank 0: lock ``run_dir`` and :func:`prepare` it. On refusal the lock is released and a folder this
+    call created is removed again (a refused new run leaves no folder). The caller announces the lock
+    (:meth:`~gpas_probe.lock.RunLock.announce`) once the run is sure to start."""
+    created = not run_dir.exists()
+    lock = RunLock(run_dir, "train")
+    try:
+        lock.acquire()
+        return OpenedRun(lock, created, prepare(run_dir, meta, resume, overwrite))
+    except BaseException:
+        lock.release()
+        if created:
+            remove_empty(run_dir)
+        raise
+
+
+def discard_run(run_dir: Path) -> None:
+    """A new run failed (its lock still held): if it wrote no checkpoint yet, remove what it wrote, so that
+    nothing half-made stays; with a checkpoint it is kept, to be resumed."""
+    if step_checkpoints(run_dir):
+        return
+    log.info("%s: removing the run that failed before its first checkpoint", run_dir)
+    clear_folder(run_dir)
+
+
+def remove_empty(folder: Path) -> None:
+    """Remove ``folder`` if it holds nothing but its lock file."""
+    if folder.is_dir() and all(p.name == LOCK_FILE for p in folder.iterdir()):
+        (folder / LOCK_FILE).unlink(missing_ok=True)
+        try:
+            folder.rmdir()
+        except OSError:
+            pass

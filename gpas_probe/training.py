@@ -14,108 +14,44 @@ behind, and drops probe rows of later steps (recorded before the run stopped) so
 run's rows replace them: every kept (step, layer, site, direction, stat) appears once.
 """
 
-from __future__ import annotations
 
+import dataclasses
 import logging
-import math
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 from torch import nn
 
-from gpas_probe.checkpoints import save_checkpoint
 from gpas_probe.config import ModelConfig, TrainConfig
 from gpas_probe.data import Batches, Corpus, load_corpus
 from gpas_probe.distributed import (
     DistContext,
-    clip_grad_norm,
     distributed,
-    full_model_state,
     load_optimizer_state,
-    mark_quiet,
     mark_shared,
-    optimizer_state,
-    replicated_parameters,
     wrap_model,
 )
-from gpas_probe.gpas import clip_gate_grad_
+from gpas_probe.interrupt import deferred_interrupt
+from gpas_probe.loop import Loop, StepInfo, StepObserver, TrainResult, evaluate, lr_factor, make_optimizer
 from gpas_probe.model import Transformer, build_model
 from gpas_probe.probes import Driver, Probe, ProbeConfig
-from gpas_probe.runs import TRAINER_STATE, checkpoint_path, prepare, restore_weights, run_meta, tidy_resumed
+from gpas_probe.progress import ProgressReport
+from gpas_probe.runs import (
+    RUN_META,
+    discard_run,
+    open_run,
+    record_resume,
+    remove_empty,
+    restore_weights,
+    run_meta,
+    tidy_resumed,
+)
+
+__all__ = ["StepInfo", "StepObserver", "TrainResult", "evaluate", "lr_factor", "make_optimizer", "train"]
 
 log = logging.getLogger(__name__)
-
-@dataclass
-class StepInfo:
-    """What one optimizer step reports to callbacks and observers."""
-
-    step: int
-    loss: float
-    lr: float
-    grad_norm: float
-    tokens: int
-    tokens_per_s: float
-    val_loss: float | None = None
-
-
-class StepObserver(Protocol):
-    """Called by :func:`train` around each step; the probes implement it."""
-
-    def begin_step(self, step: int) -> None: ...
-    def after_backward(self, step: int) -> None: ...
-    def end_step(self, info: StepInfo) -> None: ...
-
-
-@dataclass
-class TrainResult:
-    model: Transformer
-    out: Path | None
-    step: int
-    history: list[StepInfo] = field(default_factory=list)
-
-    @property
-    def final_val_loss(self) -> float | None:
-        vals = [h.val_loss for h in self.history if h.val_loss is not None]
-        return vals[-1] if vals else None
-
-
-def lr_factor(step: int, cfg: TrainConfig) -> float:
-    """Multiplier of the peak lr for update number ``step`` (1-based)."""
-    if step <= cfg.warmup:
-        return step / max(1, cfg.warmup)
-    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; with weight decay, only matrices decay (not norms, biases or gates)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-              {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, weight_decay=cfg.weight_decay)
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-             device: torch.device) -> float:
-    """Mean validation loss over fixed batches."""
-    was_training = model.training
-    model.eval()
-    total = 0.0
-    for x, y in batches:
-        with _autocast(device):
-            total += model(x.to(device), y.to(device)).loss.item()
-    model.train(was_training)
-    return total / len(batches)
-
-
-def _autocast(device: torch.device) -> torch.autocast:
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
 def _check_inputs(model_config: ModelConfig, cfg: TrainConfig, corpus: Corpus) -> None:
@@ -127,12 +63,22 @@ def _check_inputs(model_config: ModelConfig, cfg: TrainConfig, corpus: Corpus) -
     if corpus.min_token < 0:
         raise ValueError(f"{corpus.name}: negative token id {corpus.min_token}")
 
-
 def train(model_config: ModelConfig, train_config: TrainConfig, out: str | Path | None = None, *,
           resume: bool = False, overwrite: bool = False, observers: Sequence[StepObserver] = (),
           callback: Callable[[StepInfo], None] | None = None, probe: ProbeConfig | None = None,
-          meta: dict[str, Any] | None = None, dist: str | DistContext = "none") -> TrainResult:
+          meta: dict[str, Any] | None = None, dist: str | DistContext = "none", progress: str = "auto",
+          label: str | None = None) -> TrainResult:
     """Train a model from scratch (or ``resume`` the run in ``out``) and return it.
+
+    ``out`` is locked for the run's life (:mod:`gpas_probe.lock`): a second writer is refused. Resume
+    checkpoints are written automatically (:mod:`gpas_probe.autosave`, ``train_config.autosave``), and
+    Ctrl-C stops at the end of the step with a checkpoint (:mod:`gpas_probe.interrupt`), so ``resume``
+    loses at most the steps since the last save; with no checkpoint to resume from it is refused. A new
+    run that fails before its first checkpoint (out of memory, a full disk) leaves no folder behind.
+    A resumed run keeps its learning-rate schedule: a longer ``steps`` continues at the final rate.
+
+    ``progress`` (:data:`gpas_probe.progress.MODES`) shows progress under ``label``: a bar in a terminal or
+    notebook, log lines otherwise, or ``"off"``.
 
     ``probe`` records statistics into ``out/probes/`` (see :class:`gpas_probe.probes.ProbeConfig`).
     ``callback`` receives a :class:`StepInfo` after every step (the CLI draws its progress bar from
@@ -148,12 +94,12 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out: str | Path 
     """
     with distributed(dist, train_config.device) as ctx:
         return _train(ctx, model_config, train_config, Path(out) if out is not None else None, resume, overwrite,
-                      observers, callback, probe, meta or {})
+                      observers, callback, probe, meta or {}, progress, label)
 
 
 def _train(ctx: DistContext, model_config: ModelConfig, cfg: TrainConfig, run_dir: Path | None, resume: bool,
            overwrite: bool, observers: Sequence[StepObserver], callback: Callable[[StepInfo], None] | None,
-           probe: ProbeConfig | None, meta: dict[str, Any]) -> TrainResult:
+           probe: ProbeConfig | None, meta: dict[str, Any], progress: str, label: str | None) -> TrainResult:
     if probe is not None and run_dir is None:
         raise mark_shared(ValueError("probes need an output folder (out=...)"))
 
@@ -166,132 +112,64 @@ def _train(ctx: DistContext, model_config: ModelConfig, cfg: TrainConfig, run_di
     batches, val_batches = ctx.agree(load_data)
     torch.manual_seed(cfg.seed)
     model = build_model(model_config).to(ctx.device)
-    meta = run_meta(model_config, cfg, {**meta, "world_size": ctx.world})
-    ckpt: str | None = None
-    if run_dir is not None:
-        ckpt = ctx.on_main(lambda: prepare(run_dir, meta, resume, overwrite))
-    trainer_state: dict[str, Any] | None = None
-    start = 0
-    if ckpt is not None:
-        trainer_state = ctx.agree(lambda: restore_weights(model, Path(ckpt), ctx.device))
-        start = int(trainer_state["step"])
-        log.info("resumed %s at step %d", run_dir, start)
-    fwd = wrap_model(model, ctx)
-    optimizer = make_optimizer(model, cfg)
-    if trainer_state is not None:
-        load_optimizer_state(model, optimizer, trainer_state["optimizer"], ctx)
-    if resume and run_dir is not None:
-        ctx.on_main(lambda: tidy_resumed(run_dir, start))
-    if start >= cfg.steps:
-        log.info("nothing to do: the run is already at step %d of %d", start, cfg.steps)
+    meta = run_meta(model_config, cfg, {**meta, "world_size": ctx.world,
+                                        "probe_config": probe.to_dict() if probe is not None else None})
+    opened = ctx.on_main(lambda: open_run(run_dir, meta, resume, overwrite)) if run_dir is not None else None
+    lock = opened.lock if opened is not None and ctx.is_main else None
+    resumed = opened.resumed if opened is not None else None
+    try:
+        trainer_state: dict[str, Any] | None = None
+        start = 0
+        if resumed is not None:
+            cfg = dataclasses.replace(cfg, schedule_steps=resumed.schedule_steps)
+            trainer_state = ctx.agree(lambda: restore_weights(model, Path(resumed.checkpoint), ctx.device))
+            start = int(trainer_state["step"])
+            log.info("resumed %s at step %d (%s)", run_dir, start, resumed.checkpoint)
+        fwd = wrap_model(model, ctx)
+        optimizer = make_optimizer(model, cfg)
+        if trainer_state is not None:
+            load_optimizer_state(model, optimizer, trainer_state["optimizer"], ctx)
+        if resumed is not None and run_dir is not None:
+            meta["train_config"] = cfg.to_dict()
+            ctx.on_main(lambda: (tidy_resumed(run_dir, start), record_resume(run_dir, meta, start)))
+        if lock is not None:
+            lock.announce()
+        if start >= cfg.steps:
+            log.info("nothing to do: the run is already at step %d of %d", start, cfg.steps)
+        result = _run(ctx, model, fwd, optimizer, cfg, batches, val_batches, run_dir, start, observers, callback,
+                      probe, meta, progress, label or model_config.label())
+    except BaseException as e:
+        if lock is not None and resumed is None and not isinstance(e, (FloatingPointError, KeyboardInterrupt)):
+            discard_run(run_dir)  # a failed start leaves no half-made run
+        raise
+    finally:
+        if lock is not None:
+            lock.release()
+            if opened.created and run_dir is not None and not (run_dir / RUN_META).exists():
+                remove_empty(run_dir)
+    return result
+
+
+def _run(ctx: DistContext, model: Transformer, fwd: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+         batches: Batches, val_batches: list[tuple[torch.Tensor, torch.Tensor]], run_dir: Path | None, start: int,
+         observers: Sequence[StepObserver], callback: Callable[[StepInfo], None] | None,
+         probe: ProbeConfig | None, meta: dict[str, Any], progress: str, label: str | None) -> TrainResult:
     probe_meta = {k: v for k, v in meta.items() if not k.endswith("_version")}  # the store adds versions
     session = None
     if probe is not None:
         session = Probe(model, run_dir, config=probe, meta=probe_meta, driver=Driver.for_training(ctx))
-    loop = _Loop(model, fwd, optimizer, cfg, batches, val_batches, ctx, run_dir,
-                 [*observers, session] if session else list(observers), session, callback)
+    report = None
+    if ctx.is_main and progress != "off":
+        report = ProgressReport(label or "train", cfg.steps, start=start, mode=progress)
+    callbacks = [c for c in (report, callback) if c is not None]
+    loop = Loop(model, fwd, optimizer, cfg, batches, val_batches, ctx, run_dir,
+                 [*observers, session] if session else list(observers), session, callbacks)
     try:
-        return loop.run(start)
+        with deferred_interrupt(enabled=not ctx.distributed and run_dir is not None) as interrupt:
+            loop.interrupt = interrupt
+            return loop.run(start)
     finally:
+        if report is not None:
+            report.close()
         if session is not None:
             session.close()
-
-
-@dataclass
-class _Loop:
-    model: Transformer  # the model itself (sharded in place under FSDP)
-    fwd: nn.Module  # what forward/backward run through (the DDP wrapper or the model; compiled in run)
-    optimizer: torch.optim.Optimizer
-    cfg: TrainConfig
-    batches: Batches
-    val_batches: list[tuple[torch.Tensor, torch.Tensor]]
-    ctx: DistContext
-    run_dir: Path | None
-    observers: Sequence[StepObserver]
-    session: Probe | None
-    callback: Callable[[StepInfo], None] | None
-
-    def run(self, start: int) -> TrainResult:
-        cfg, ctx, model = self.cfg, self.ctx, self.model
-        # A recorded step runs the eager module: probe hooks never enter the compiled graph, so
-        # recording neither recompiles it nor traces the statistics code (one graph for training).
-        compiled = torch.compile(self.fwd) if cfg.compile else self.fwd
-        # DDP's wrapper adds nothing to a no-grad pass; a recorded step evaluates eagerly too (hooks are on)
-        eval_eager, eval_compiled = (model, model) if ctx.mode == "ddp" else (self.fwd, compiled)
-        params = [p for p in model.parameters() if p.requires_grad]
-        replicated = replicated_parameters(model) if ctx.mode == "fsdp" else []
-        tokens_per_step = cfg.batch_size * ctx.world * cfg.seq_len
-        history: list[StepInfo] = []
-        model.train()
-        t_last = time.perf_counter()
-        for step in range(start + 1, cfg.steps + 1):
-            for g in self.optimizer.param_groups:
-                g["lr"] = cfg.lr * lr_factor(step, cfg)
-            for o in self.observers:
-                o.begin_step(step)
-            x, y = (t.to(ctx.device, non_blocking=True) for t in self.batches.train(step, ctx.rank, ctx.world))
-            recorded = self.session is not None and self.session.recording_step == step
-            with _autocast(ctx.device):
-                loss = (self.fwd if recorded else compiled)(x, y).loss
-            loss.backward()
-            ctx.average_replicated_grads(replicated)
-            for o in self.observers:
-                o.after_backward(step)
-            grad_norm = clip_grad_norm(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf, ctx)
-            clip_gate_grad_(model, cfg.gate_clip)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-
-            loss_value = ctx.mean(loss.detach())
-            now = time.perf_counter()
-            info = StepInfo(step, loss_value, self.optimizer.param_groups[0]["lr"], grad_norm,
-                            step * tokens_per_step, tokens_per_step / max(now - t_last, 1e-9))
-            t_last = now
-            finite, last = math.isfinite(loss_value), step == cfg.steps
-            if finite and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
-                net = eval_eager if recorded else eval_compiled
-                info.val_loss = ctx.mean(evaluate(net, self.val_batches, ctx.device))
-                log.info("step %d: loss %.4f, val loss %.4f", step, loss_value, info.val_loss)
-            for o in self.observers:
-                o.end_step(info)
-            history.append(info)
-            if self.callback is not None:
-                self.callback(info)
-            if not finite:
-                raise self._non_finite(step, loss_value)
-            if self.run_dir is not None and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or last):
-                if self.session is not None:
-                    self.session.flush()  # the probe table on disk reaches every step the checkpoint covers
-                self._save(step)
-                t_last = time.perf_counter()  # checkpoint time is not training throughput
-        model.eval()
-        return TrainResult(model, self.run_dir, max(start, cfg.steps), history)
-
-    def _non_finite(self, step: int, loss: float) -> FloatingPointError:
-        """The error for a non-finite loss, after the probes have written what they recorded."""
-        session = self.session
-        rerun = "rerun with --probe-every 1 to find the first layer and site that went non-finite"
-        if session is None:
-            where = f"probes were off; {rerun}"
-        elif "activations" not in session.config.stats:
-            where = "the probes do not record activations; rerun with them and --probe-every 1"
-        elif session.last_recorded_step != step:
-            where = f"the probes did not record step {step}; {rerun}"
-        elif (first := session.first_non_finite()) is not None:
-            layer, site, direction = first
-            what = "activation" if direction == "fwd" else "gradient"
-            where = f"first non-finite value at layer {layer}, site {site} ({what})"
-        else:
-            where = f"every activation the probes recorded at step {step} is finite"
-        if session is not None:
-            session.flush()
-        error = mark_shared(FloatingPointError(f"non-finite loss ({loss}) at step {step}; {where}"))
-        return mark_quiet(error) if not self.ctx.is_main else error
-
-    def _save(self, step: int) -> None:
-        ctx = self.ctx
-        state = full_model_state(self.model, ctx)  # collectives under FSDP: every rank takes part
-        trainer_state = {"step": step, "optimizer": optimizer_state(self.model, self.optimizer, ctx)}
-        path = checkpoint_path(self.run_dir, step)  # type: ignore[arg-type]
-        ctx.on_main(lambda: save_checkpoint(self.model, path, step=step, extra_files={TRAINER_STATE: trainer_state},
-                                            state=state))

@@ -7,7 +7,6 @@ reported the same way: ``PATH: unreadable weights (REASON)``.
 
 from __future__ import annotations
 
-import json
 import logging
 import pickle
 from collections.abc import Callable
@@ -17,6 +16,8 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
+
+from gpas_probe.jsonfile import read_object
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +38,9 @@ def read_config(path: str | Path) -> dict[str, Any]:
     """The ``config.json`` of checkpoint folder ``path``."""
     p = Path(path) / CONFIG_NAME
     try:
-        return json.loads(p.read_text())
+        return read_object(p, "a model configuration")
     except FileNotFoundError:
         raise FileNotFoundError(f"{p.parent}: missing {CONFIG_NAME}") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p}: not valid JSON ({e})") from None
 
 
 def _unreadable(f: Path, e: BaseException) -> ValueError:
@@ -66,10 +65,9 @@ def _load_bin(f: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_sharded(index: Path, load: Callable[[Path], dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    try:
-        weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError, TypeError) as e:
-        raise ValueError(f"{index}: not a valid shard index ({first_line(e)})") from None
+    weight_map = read_object(index, "a shard index").get("weight_map")
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise ValueError(f"{index}: not a valid shard index (no weight_map of tensor names to files)")
     state: dict[str, torch.Tensor] = {}
     for shard in sorted(set(weight_map.values())):
         f = index.parent / shard

@@ -4,6 +4,7 @@ Saving is atomic: a checkpoint folder appears whole or not at all."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import shutil
@@ -12,10 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from gpas_probe.atomic import publish_dir, temporary_dir
-from gpas_probe.checkpoints.files import CONFIG_NAME, WEIGHTS_NAME, read_weights
+from gpas_probe.checkpoints.files import CONFIG_NAME, WEIGHTS_NAME, first_line, read_weights
 from gpas_probe.checkpoints.layout import assign_weights, hf_config, parameter_map
 from gpas_probe.config import ModelConfig
 from gpas_probe.model import Transformer, build_model
@@ -30,9 +32,9 @@ def is_native(cfg: dict[str, Any]) -> bool:
 
 def save_checkpoint(model: Transformer, path: str | Path, step: int | None = None,
                     extra_files: dict[str, Any] | None = None,
-                    state: Mapping[str, torch.Tensor] | None = None) -> Path:
+                    state: Mapping[str, torch.Tensor] | None = None, marks: tuple[str, ...] = ()) -> Path:
     """Write ``config.json`` + ``model.safetensors`` (and ``extra_files``: name -> object saved with
-    ``torch.save``) into folder ``path``, atomically. Returns the path.
+    ``torch.save``; ``marks``: names of empty marker files) into folder ``path``, atomically. Returns the path.
 
     ``state`` (a full state dict keyed like ``model.named_parameters()``, e.g. gathered from an FSDP
     model) supplies the tensors instead of the model's own parameters, which may be shards.
@@ -50,10 +52,17 @@ def save_checkpoint(model: Transformer, path: str | Path, step: int | None = Non
     tmp = temporary_dir(path)
     try:
         tensors = {k: t.detach().to("cpu", torch.float32).contiguous().clone() for k, t in source.items()}
-        save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        try:
+            save_file(tensors, tmp / WEIGHTS_NAME, metadata={"format": "pt"})
+        except SafetensorError as e:  # a failed write (a full disk): an OSError like any other
+            no_space = "No space left" in str(e)
+            raise OSError(errno.ENOSPC if no_space else errno.EIO,
+                          "No space left on device" if no_space else first_line(e), str(path)) from None
         (tmp / CONFIG_NAME).write_text(json.dumps(hf_config(model.config, step), indent=2) + "\n")
         for name, obj in (extra_files or {}).items():
             torch.save(obj, tmp / name)
+        for name in marks:
+            (tmp / name).touch()
         publish_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -8,13 +8,13 @@ directly. The training step a checkpoint records (:func:`checkpoint_step`) comes
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
 from typing import Any
 
 from gpas_probe.checkpoints.files import CONFIG_NAME, read_config
+from gpas_probe.jsonfile import read_object
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +84,9 @@ def checkpoint_step(ckpt_dir: str | Path, cfg: dict[str, Any] | None = None) -> 
         if not f.is_file():
             continue
         try:
-            state = json.loads(f.read_text())
-        except json.JSONDecodeError:
-            log.warning("%s: not valid JSON, step unknown", f)
+            state = read_object(f, "a training state")
+        except ValueError as e:
+            log.warning("%s; step unknown", e)
             continue
         for field in fields:
             if isinstance(state.get(field), int):

@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from gpas_probe.jsonfile import read_object
 from gpas_probe.store.schema import (
     ARROW_SCHEMA,
     COLUMNS,
@@ -131,7 +132,7 @@ def read_meta(path: str | Path) -> dict[str, Any]:
         meta_path = p / META_FILE
         if not meta_path.exists():
             raise FileNotFoundError(f"{meta_path}: no probe metadata")
-        return json.loads(meta_path.read_text())
+        return read_object(meta_path, "probe metadata")
     kv = pq.read_schema(p).metadata or {}
     if META_KEY not in kv:
         raise ValueError(f"{p}: no gpas_probe metadata in this parquet file")

@@ -144,7 +144,7 @@ CASES: dict[str, tuple[Case, str]] = {
         "corrupted or unreadable probe chunk"),
     "corrupted run.json, resumed": (
         lambda tmp, run, text: _damage(run / "run.json", [*_train(run, text), "--steps", "4", "--resume"]),
-        "run.json: unreadable run metadata"),
+        "run.json: not valid JSON"),
     "corrupted checkpoint weights, resumed": (
         lambda tmp, run, text: _damage(run / "checkpoints" / "step_000002" / "model.safetensors",
                                        [*_train(run, text), "--steps", "4", "--resume"]), "unreadable weights"),
@@ -158,13 +158,14 @@ CASES: dict[str, tuple[Case, str]] = {
     # a resume whose configuration contradicts the run's
     "resume with another scheme": (
         lambda tmp, run, text: _train(run, text, "--norm", "post", "--resume"),
-        "--resume with a model configuration that differs from the run's: ['norm']"),
+        "--resume with a model that differs from the run's: norm (run: 'pre', now: 'post')"),
     "resume with another learning rate and batch": (
         lambda tmp, run, text: _train(run, text, "--lr", "0.1", "--batch-size", "2", "--resume"),
-        "--resume with training settings that differ from the run's: ['batch_size', 'lr']"),
+        "--resume with training settings that differ from the run's: batch_size (run: 4, now: 2), lr (run: 0.003, "
+        "now: 0.1)"),
     "resume with other data": (
         lambda tmp, run, text: _train(run, _bytes(tmp / "other.txt", b"other text " * 300), "--resume"),
-        "--resume with training settings that differ from the run's: ['data']"),
+        "--resume with training settings that differ from the run's: data (run: "),
     "resume on another number of processes": (
         lambda tmp, run, text: _edit_json(run / "run.json", world_size=2, then=_train(run, text, "--resume")),
         "--resume on 1 process(es), but the run was trained on 2"),

@@ -133,9 +133,10 @@ def test_sigkill_mid_run_leaves_readable_files_and_resume_keeps_one_row_per_key(
     assert [p.name for p in _temporaries(out)] == [".part-000001.parquet.tmp"]
     snapshots.append(load_run(out))
 
-    # resumed from step 2 and killed before its 2nd rename (checkpoint 4), after the chunk of steps 3-4
-    # was published: the table holds rows the checkpoint does not cover, and a temporary folder is left
-    _kill_at_rename(2, [*args, "--resume"])
+    # resumed from step 2 (its 1st rename: run.json notes the resume) and killed before its 3rd (checkpoint
+    # 4), after the chunk of steps 3-4 was published: the table holds rows the checkpoint does not cover,
+    # and a temporary folder is left
+    _kill_at_rename(3, [*args, "--resume"])
     assert _check_every_file_reads(out) == 2
     assert sorted(load_run(out).step.unique()) == [1, 2, 3, 4]
     assert [p.name.split("-")[0] for p in _temporaries(out)] == [".step_000004.tmp"]
@@ -197,16 +198,21 @@ def test_resume_replaces_rows_recorded_after_the_checkpoint(tmp_path: Path, text
     assert set(frame[frame.step.isin([4, 8])].stat) >= {"loss", "val_loss"}
 
 
-def test_resume_with_no_checkpoint_starts_over_and_drops_every_row(tmp_path: Path, text: Path) -> None:
+def test_resume_with_no_checkpoint_is_refused_and_changes_nothing(tmp_path: Path, text: Path) -> None:
+    """A run killed before its first checkpoint: --resume stops with one line instead of starting over
+    (which would drop every row recorded); --overwrite is the explicit restart."""
     m, t = _cfg(text, steps=4, checkpoint_every=0)
     run = tmp_path / "run"
     train(m, t, run, probe=ProbeConfig(every=1))
     shutil.rmtree(run / "checkpoints")  # killed before its first checkpoint
-    result = train(m, t, run, resume=True, probe=ProbeConfig(every=2))
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(FileNotFoundError, match="nothing to resume from: the run stopped before its first checkpoint"):
+        train(m, t, run, resume=True, probe=ProbeConfig(every=2))
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+    result = train(m, t, run, overwrite=True, probe=ProbeConfig(every=2))
     assert [h.step for h in result.history] == [1, 2, 3, 4]
     frame = load_run(run, dedupe=False)
-    assert not frame.duplicated(KEY_COLUMNS).any() and sorted(frame.step.unique()) == [1, 2, 3, 4]
-    assert sorted(frame[frame.layer >= 0].step.unique()) == [1, 2, 4]  # step 3: model rows only
+    assert not frame.duplicated(KEY_COLUMNS).any() and sorted(frame[frame.layer >= 0].step.unique()) == [1, 2, 4]
 
 
 def test_truncate_after_rewrites_only_the_chunks_past_the_step(tmp_path: Path) -> None:

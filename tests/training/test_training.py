@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 from typing import Any
@@ -108,12 +109,19 @@ def test_resume_is_bit_identical(tmp_path: Path) -> None:
     assert [h.loss for h in resumed.history] == [h.loss for h in full.history[5:]]
     _assert_same(_state(full.model), _state(resumed.model))
 
-    # A shorter run (same schedule up to its end: warmup = 5) extended with --resume and more steps.
+    # A shorter run extended with --resume and more steps keeps its own schedule: its cosine ended at
+    # step 5, and steps 6-10 run at the final rate (min_lr_ratio x peak), not on a 10-step cosine.
     _, t5 = _cfgs({"gpas": True, "norm": "sandwich"}, steps=5, warmup=5, checkpoint_every=5)
-    train(m, t5, tmp_path / "short")
+    short = train(m, t5, tmp_path / "short")
     extended = train(m, t10, tmp_path / "short", resume=True)
-    assert extended.step == 10
-    _assert_same(_state(full.model), _state(extended.model))
+    assert extended.step == 10 and [h.step for h in extended.history] == [6, 7, 8, 9, 10]
+    final = t10.lr * t10.min_lr_ratio
+    assert [h.lr for h in extended.history] == pytest.approx([final] * 5)
+    assert [h.lr for h in short.history] == pytest.approx([t5.lr * lr_factor(s, t5) for s in range(1, 6)])
+    assert full.history[5].lr > final * 1.5  # the 10-step run is still decaying at step 6
+    meta = json.loads((tmp_path / "short" / "run.json").read_text())
+    assert meta["train_config"]["steps"] == 10 and meta["train_config"]["schedule_steps"] == 5
+    assert meta["resumes"][0]["from_step"] == 5
 
 
 def test_resume_of_finished_run_does_nothing(tmp_path: Path) -> None:

@@ -1,0 +1,85 @@
+"""Training progress for a person watching: a live bar in a terminal or a notebook, plain lines otherwise.
+
+:class:`ProgressReport` is called with each step's :class:`~gpas_probe.training.StepInfo`. In a terminal or
+a Jupyter notebook it draws a bar (step, loss, tokens/s, elapsed, eta) on stderr; where output is a file
+or a pipe (``nohup``, CI) it logs one line every ``every_s`` seconds and at the last step through the
+``gpas_probe.progress`` logger (the command line shows that logger's lines; in Python, configure
+logging to see them).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "bar", "lines", "off")
+
+
+def _clock(seconds: float) -> str:
+    s = int(max(0.0, seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def bar_columns(fields: str = "") -> list[Any]:
+    """The columns of every bar the project draws: label, bar, n/total, ``fields``, elapsed, eta."""
+    columns: list[Any] = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn()]
+    if fields:
+        columns.append(TextColumn(fields))
+    return columns + [TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn()]
+
+
+class ProgressReport:
+    """Reports steps ``start + 1 .. total`` of run ``label``; ``mode`` is one of :data:`MODES`
+    (``auto``: a bar when ``console`` is a terminal or a notebook, else lines). The bar appears with the
+    first step, so that an error during set-up prints alone. Use as a callable, then :meth:`close`."""
+
+    def __init__(self, label: str, total: int, *, start: int = 0, mode: str = "auto", every_s: float = 30.0,
+                 console: Console | None = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown progress mode {mode!r}; choose one of {', '.join(MODES)}")
+        self.console = console or Console(stderr=True)
+        if mode == "auto":
+            mode = "bar" if self.console.is_terminal or self.console.is_jupyter else "lines"
+        self.label, self.total, self.start, self.mode, self.every_s = label, total, start, mode, every_s
+        self._bar: Progress | None = None
+        self._task: Any = None
+        self._t0 = time.monotonic()
+        self._last_line = self._t0
+
+    def __call__(self, info: Any) -> None:
+        if self.mode == "bar":
+            self._draw(info)
+        elif self.mode == "lines":
+            now = time.monotonic()
+            if now - self._last_line >= self.every_s or info.step >= self.total:
+                self._last_line = now
+                log.info("%s", self.line(info, now - self._t0))
+
+    def line(self, info: Any, elapsed: float) -> str:
+        """One progress line: ``label: step s/total (p%), loss, tok/s, elapsed, eta``."""
+        done = info.step - self.start
+        left = self.total - info.step
+        eta = elapsed / done * left if done > 0 else float("nan")
+        val = f", val {info.val_loss:.4f}" if getattr(info, "val_loss", None) is not None else ""
+        return (f"{self.label}: step {info.step}/{self.total} ({info.step / self.total:.0%}), loss {info.loss:.4f}"
+                f"{val}, {info.tokens_per_s:,.0f} tok/s, elapsed {_clock(elapsed)}"
+                + (f", eta {_clock(eta)}" if eta == eta else ""))
+
+    def _draw(self, info: Any) -> None:
+        if self._bar is None:
+            self._bar = Progress(*bar_columns("loss {task.fields[loss]} | {task.fields[tps]} tok/s"),
+                                 console=self.console, transient=False)
+            self._task = self._bar.add_task(self.label, total=self.total, completed=self.start, loss="-", tps="-")
+            self._bar.start()
+        self._bar.update(self._task, completed=info.step, loss=f"{info.loss:.3f}", tps=f"{info.tokens_per_s:,.0f}")
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
