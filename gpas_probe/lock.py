@@ -7,9 +7,11 @@ file stays, holding the last holder's PID for the message. A second writer gets
 :class:`FolderInUse` naming the holder. Readers ask :func:`holder` whether a folder is being written
 (``info``, ``plot`` and ``compare`` say that a run is still running).
 
-The lock file is never removed while the folder lives (removing it would let two processes lock two
-different files); :func:`clear_folder` empties a folder around it. Where ``fcntl`` is missing (Windows),
-locking is skipped with a warning.
+The lock file is removed when its holder lets go (a process killed meanwhile leaves it behind, harmless:
+nobody holds it), together with the folder if taking the lock created it and it stayed empty. A writer
+that locked a file removed meanwhile notices (the path no longer names the file it locked) and locks the
+new one, so two writers never hold two different files. :func:`clear_folder` empties a folder around its
+lock file. Where ``fcntl`` is missing (Windows), locking is skipped with a warning.
 """
 
 from __future__ import annotations
@@ -61,17 +63,20 @@ def _read(path: Path) -> dict[str, Any]:
 
 class RunLock:
     """The write lock of ``folder`` (created if missing), taken by :meth:`acquire` or ``with``; ``what``
-    says who holds it (``"train"``, ``"profile"``, ``"attach"``) in a second writer's error."""
+    says who holds it (``"train"``, ``"profile"``, ``"attach"``) in a second writer's error. ``lock_file``
+    puts the lock elsewhere, for a folder that is replaced whole when written (a profile's): then the
+    folder is not created."""
 
-    def __init__(self, folder: str | Path, what: str) -> None:
+    def __init__(self, folder: str | Path, what: str, lock_file: str | Path | None = None) -> None:
         self.folder = Path(folder)
         self.what = what
+        self._path = Path(lock_file) if lock_file is not None else None
         self._fd: int | None = None
-        self._created = self._announced = False
+        self._made_dir = False
 
     @property
     def path(self) -> Path:
-        return self.folder / LOCK_FILE
+        return self._path or self.folder / LOCK_FILE
 
     @property
     def held(self) -> bool:
@@ -84,12 +89,12 @@ class RunLock:
             return self
         if self.folder.exists() and not self.folder.is_dir():
             raise NotADirectoryError(f"{self.folder} is a file, not a run folder")
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self._made_dir = not self.path.parent.exists()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         if fcntl is None:  # pragma: no cover - Windows
             log.warning("no file locking on this platform: nothing stops two writers of %s", self.folder)
             return self
         while True:
-            created = not self.path.exists()
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 self._lock(fd)
@@ -99,7 +104,7 @@ class RunLock:
                 os.close(fd)
                 raise
             os.close(fd)  # the file was removed while we waited (a refused writer's): lock the new one
-        self._fd, self._created = fd, created
+        self._fd = fd
         return self
 
     def _lock(self, fd: int) -> None:
@@ -122,19 +127,23 @@ class RunLock:
                 "command": " ".join(sys.argv[:6])}
         os.ftruncate(self._fd, 0)
         os.pwrite(self._fd, json.dumps(info).encode(), 0)
-        self._announced = True
 
     def release(self) -> None:
-        """Let go; a lock file this writer created but never announced (a refused start) is removed."""
+        """Let go: the lock file goes (removed while still held), and the folder if taking the lock made it
+        and it is empty (a refused or discarded new run leaves nothing)."""
         if self._fd is None:
             return
         fd, self._fd = self._fd, None
         try:
-            if self._created and not self._announced:
-                self.path.unlink(missing_ok=True)
+            self.path.unlink(missing_ok=True)
             fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
+        if self._made_dir:
+            try:
+                self.path.parent.rmdir()
+            except OSError:  # not empty: the writer's work stays
+                pass
 
     def __getstate__(self) -> dict[str, Any]:  # another process's copy holds nothing
         return {**self.__dict__, "_fd": None}

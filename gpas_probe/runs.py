@@ -23,7 +23,7 @@ from gpas_probe.checkpoints import assign_weights, read_weights, step_checkpoint
 from gpas_probe.checkpoints.steps import CHECKPOINTS_DIR, step_dir_name, step_from_name
 from gpas_probe.config import ModelConfig, TrainConfig
 from gpas_probe.jsonfile import read_object
-from gpas_probe.lock import LOCK_FILE, RunLock, clear_folder
+from gpas_probe.lock import RunLock, clear_folder
 from gpas_probe.model import Transformer
 from gpas_probe.store import PROBES_DIR, truncate_after
 
@@ -179,27 +179,22 @@ def tidy_resumed(run_dir: Path, step: int) -> None:
 
 @dataclass
 class OpenedRun:
-    """A run folder set up for writing (rank 0): its held lock, whether this call created the folder,
-    and where a resumed run continues (None for a new run)."""
+    """A run folder set up for writing (rank 0): its held lock, and where a resumed run continues (None
+    for a new run)."""
 
     lock: RunLock
-    created: bool
     resumed: Resumed | None
 
 
 def open_run(run_dir: Path, meta: dict[str, Any], resume: bool, overwrite: bool) -> OpenedRun:
     """Rank 0: lock ``run_dir`` and :func:`prepare` it. On refusal the lock is released and a folder this
-    call created is removed again (a refused new run leaves no folder). The caller announces the lock
+    call created goes with it (a refused new run leaves no folder). The caller announces the lock
     (:meth:`~gpas_probe.lock.RunLock.announce`) once the run is sure to start."""
-    created = not run_dir.exists()
-    lock = RunLock(run_dir, "train")
+    lock = RunLock(run_dir, "train").acquire()
     try:
-        lock.acquire()
-        return OpenedRun(lock, created, prepare(run_dir, meta, resume, overwrite))
+        return OpenedRun(lock, prepare(run_dir, meta, resume, overwrite))
     except BaseException:
         lock.release()
-        if created:
-            remove_empty(run_dir)
         raise
 
 
@@ -210,13 +205,3 @@ def discard_run(run_dir: Path) -> None:
         return
     log.info("%s: removing the run that failed before its first checkpoint", run_dir)
     clear_folder(run_dir)
-
-
-def remove_empty(folder: Path) -> None:
-    """Remove ``folder`` if it holds nothing but its lock file."""
-    if folder.is_dir() and all(p.name == LOCK_FILE for p in folder.iterdir()):
-        (folder / LOCK_FILE).unlink(missing_ok=True)
-        try:
-            folder.rmdir()
-        except OSError:
-            pass

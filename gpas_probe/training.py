@@ -39,11 +39,9 @@ from gpas_probe.model import Transformer, build_model
 from gpas_probe.probes import Driver, Probe, ProbeConfig
 from gpas_probe.progress import ProgressReport
 from gpas_probe.runs import (
-    RUN_META,
     discard_run,
     open_run,
     record_resume,
-    remove_empty,
     restore_weights,
     run_meta,
     tidy_resumed,
@@ -145,8 +143,6 @@ def _train(ctx: DistContext, model_config: ModelConfig, cfg: TrainConfig, run_di
     finally:
         if lock is not None:
             lock.release()
-            if opened.created and run_dir is not None and not (run_dir / RUN_META).exists():
-                remove_empty(run_dir)
     return result
 
 

@@ -36,14 +36,17 @@ class GpasProbeCallback(TrainerCallback):
     ``tokens`` (``state.num_input_tokens_seen`` when the Trainer counts them) and ``val_loss`` when an
     evaluation ran right after the step. Padding (``attention_mask == 0``) is excluded from the
     activation statistics. In a distributed run only the first process records (its own share of
-    the batch).
+    the batch). ``out`` is locked while training runs; rows already there are refused unless
+    ``if_exists`` says otherwise (:func:`gpas_probe.attach`), except when the Trainer resumes from a
+    checkpoint: then they are appended to, the steps recorded again replacing theirs.
     """
 
     def __init__(self, out: str | Path, every: int = 100, config: ProbeConfig | None = None, *,
-                 schedule: Schedule | None = None, run_id: str | None = None) -> None:
+                 schedule: Schedule | None = None, run_id: str | None = None, if_exists: str = "error") -> None:
         if schedule is None and config is None:
             schedule = Every(every)
         self.out, self.config, self.schedule, self.run_id = Path(out), config, schedule, run_id
+        self.if_exists = if_exists
         self.probe: Probe | None = None
         self._handles: list[Any] = []
         self._losses: list[torch.Tensor] = []
@@ -81,8 +84,9 @@ class GpasProbeCallback(TrainerCallback):
             raise ValueError("GpasProbeCallback needs the Trainer's model")
         instrument_if_hf(model)
         meta = {"trainer_args": {k: getattr(args, k, None) for k in _TRAINER_FIELDS}}
+        resumed = int(getattr(state, "global_step", 0) or 0) > 0  # resume_from_checkpoint: add to the rows
         self.probe = Probe(model, self.out, config=self.config, schedule=self.schedule, run_id=self.run_id,
-                           meta=meta)
+                           meta=meta, if_exists="append" if resumed else self.if_exists)
         self._handles = [model.register_forward_pre_hook(self._before, with_kwargs=True),
                          model.register_forward_hook(self._after, with_kwargs=True)]
 

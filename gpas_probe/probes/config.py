@@ -36,6 +36,8 @@ class ProbeConfig:
     the ``outliers`` family records them and the statistics without them (``var_robust`` ...), and the
     shortcut/branch ratio has a ``_robust`` twin. ``intervals`` adds 95% confidence bounds (``_lo``,
     ``_hi``) from per-sequence sums to the statistics a diagnosis reads (profiles turn it on).
+    Rows reach disk every ``flush_rows`` rows, ``flush_steps`` recorded steps or ``flush_seconds`` seconds,
+    whichever comes first (and at every checkpoint), so a live run can be read.
     """
 
     every: int = 100
@@ -49,6 +51,7 @@ class ProbeConfig:
     intervals: bool = False
     flush_rows: int = 100_000
     flush_steps: int = 50
+    flush_seconds: float = 30.0
 
     def __post_init__(self) -> None:
         self.stats, self.sites, self.directions = tuple(self.stats), tuple(self.sites), tuple(self.directions)
@@ -63,8 +66,9 @@ class ProbeConfig:
             raise ValueError(f"outlier_factor must be above 1, got {self.outlier_factor}")
         if self.per_decade <= 0:
             raise ValueError(f"per_decade must be positive, got {self.per_decade}")
-        if self.flush_rows <= 0 or self.flush_steps <= 0:
-            raise ValueError(f"flush_rows and flush_steps must be positive, got {self.flush_rows}, {self.flush_steps}")
+        if self.flush_rows <= 0 or self.flush_steps <= 0 or self.flush_seconds <= 0:
+            raise ValueError(f"flush_rows, flush_steps and flush_seconds must be positive, got {self.flush_rows}, "
+                             f"{self.flush_steps}, {self.flush_seconds}")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

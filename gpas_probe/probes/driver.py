@@ -27,7 +27,9 @@ class Driver:
       (:meth:`gpas_probe.distributed.DistContext.all_reduce_stats`);
     - ``grad_scale``: the factor activation-gradient statistics are reported with (``1 / world`` in a
       distributed run: the global loss is the mean of the ranks' losses);
-    - ``write``: this process stores rows (False on every rank but the first).
+    - ``write``: this process stores rows (False on every rank but the first);
+    - ``owns_folder``: the caller holds the run folder's lock (:mod:`gpas_probe.lock`) and has set its
+      probe table up (a resumed run's rows trimmed), so the probe neither locks nor checks the folder.
     """
 
     grads_at_backward_end: bool = False
@@ -35,6 +37,7 @@ class Driver:
     all_reduce: AllReduce | None = None
     grad_scale: float = 1.0
     write: bool = True
+    owns_folder: bool = False
 
     @property
     def reads_grads_at_end(self) -> bool:
@@ -47,4 +50,4 @@ class Driver:
         on every rank of ``ctx``."""
         return cls(grads_at_backward_end=True, grad_norm_given=True,
                    all_reduce=ctx.all_reduce_stats if ctx.distributed else None, grad_scale=1 / ctx.world,
-                   write=ctx.is_main)
+                   write=ctx.is_main, owns_folder=True)

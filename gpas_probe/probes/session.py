@@ -37,6 +37,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from gpas_probe.lock import RunLock
 from gpas_probe.model.adapter import instrument_if_hf
 from gpas_probe.model.hooks import ProbedLayer, probed_layers
 from gpas_probe.probes.accumulator import Key
@@ -51,7 +52,15 @@ from gpas_probe.probes.params import ParamStats
 from gpas_probe.probes.ratios import ShortcutBranchStats
 from gpas_probe.probes.recording import Recording
 from gpas_probe.probes.schedules import Every, Schedule, make_schedule
-from gpas_probe.store import PROBES_DIR, MemoryWriter, ProbeWriter, empty_frame
+from gpas_probe.store import (
+    IF_EXISTS,
+    PROBES_DIR,
+    MemoryWriter,
+    NullWriter,
+    ProbeWriter,
+    open_probe_folder,
+    truncate_after,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,25 +71,6 @@ def find_blocks(model: nn.Module) -> list[ProbedLayer]:
     if not blocks:
         raise ValueError(f"{type(model).__name__} has no decoder layers to probe (gpas_probe Block or ProbedLayer)")
     return blocks
-
-
-class NullWriter:
-    """Discards rows (the ranks of a distributed run that do not write)."""
-
-    def add(self, *row: Any) -> None:
-        pass
-
-    def end_step(self, recorded: bool = True) -> None:
-        pass
-
-    def flush(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
-    def frame(self) -> pd.DataFrame:
-        return empty_frame()
 
 
 def _model_config(model: nn.Module) -> dict[str, Any] | None:
@@ -103,7 +93,7 @@ class Probe:
     def __init__(self, model: nn.Module | None = None, out: str | Path | None = None, *,
                  config: ProbeConfig | None = None, schedule: Schedule | None = None, run_id: str | None = None,
                  meta: dict[str, Any] | None = None, optimizer: torch.optim.Optimizer | None = None,
-                 driver: Driver | None = None) -> None:
+                 driver: Driver | None = None, if_exists: str = "error") -> None:
         self.config = config or ProbeConfig()
         self.schedule = schedule or make_schedule(self.config)
         self.out = Path(out) if out is not None else None
@@ -114,6 +104,11 @@ class Probe:
         self._model_stats: ModelStats | None = None
         self._writer: ProbeWriter | MemoryWriter | NullWriter | None = None
         self.driver = driver or Driver()
+        if if_exists not in IF_EXISTS:
+            raise ValueError(f"unknown if_exists {if_exists!r}; choose one of {', '.join(IF_EXISTS)}")
+        self.if_exists = if_exists
+        self._lock: RunLock | None = None
+        self._trim = False  # rows of a folder appended to are trimmed at the first step recorded
         self._activations: ActivationStats | None = None
         self._last: tuple[int, dict[Key, float]] | None = None  # the last recorded step's values
         self._rec: Recording | None = None
@@ -144,14 +139,29 @@ class Probe:
         if not self.driver.write:
             self._writer = NullWriter()
         elif self.out is not None:
+            if not self.driver.owns_folder:
+                self._open_folder()
             meta = {"probe_config": cfg.to_dict(), **self._meta}
             if "model_config" not in meta and (mc := _model_config(model)) is not None:
                 meta["model_config"] = mc
             self._writer = ProbeWriter(self.out / PROBES_DIR, self.run_id, meta,
-                                       flush_rows=cfg.flush_rows, flush_steps=cfg.flush_steps)
+                                       flush_rows=cfg.flush_rows, flush_steps=cfg.flush_steps,
+                                       flush_seconds=cfg.flush_seconds)
         else:
             self._writer = MemoryWriter(self.run_id)
         return self
+
+    def _open_folder(self) -> None:
+        """Lock the run folder for this probe's life and apply ``if_exists`` to rows already there."""
+        assert self.out is not None
+        self._lock = RunLock(self.out, "attach").acquire()
+        try:
+            self._trim = open_probe_folder(self.out / PROBES_DIR, self.if_exists)
+        except BaseException:
+            self._lock.release()
+            self._lock = None
+            raise
+        self._lock.announce()
 
     def set_exclude_mask(self, exclude: torch.Tensor | None) -> None:
         """Positions to leave out of the activation statistics from now on: a (batch, seq) boolean
@@ -220,6 +230,9 @@ class Probe:
         unrecorded step: every value given as a host number (or a CPU tensor), so loss and learning
         rate curves have every step; an accelerator tensor is read on recorded steps only (reading it
         would wait for the device)."""
+        if self._trim:  # appending: the rows of this step and later ones, recorded before, go
+            self._trim = False
+            truncate_after(self.out / PROBES_DIR, step - 1)  # type: ignore[operator]
         rec = self._rec
         if rec is None:
             if self._model_stats is not None:
@@ -288,6 +301,7 @@ class Probe:
         self._check_bound()
         if lr is None and self.optimizer is not None:
             lr = float(self.optimizer.param_groups[0]["lr"])
+        loss, grad_norm = (v.detach() if isinstance(v, torch.Tensor) else v for v in (loss, grad_norm))
         info = {"loss": loss, "val_loss": val_loss, "lr": lr, "grad_norm": grad_norm, "tokens": tokens}
         self._complete(step, info)
         if self.schedule(step + 1):
@@ -323,8 +337,12 @@ class Probe:
             return
         self._disarm()
         self.closed = True
-        if self._writer is not None:
-            self._writer.close()
+        try:
+            if self._writer is not None:
+                self._writer.close()
+        finally:
+            if self._lock is not None:
+                self._lock.release()
 
     def __enter__(self) -> Probe:
         self._check_open()
@@ -336,13 +354,16 @@ class Probe:
 
 def attach(model: nn.Module, out: str | Path | None = None, *, every: int = 100, schedule: Schedule | None = None,
            config: ProbeConfig | None = None, optimizer: torch.optim.Optimizer | None = None, start: int = 1,
-           **kwargs: Any) -> Probe:
+           if_exists: str = "error", **kwargs: Any) -> Probe:
     """A :class:`Probe` for a user's own loop, armed for step ``start``; call :meth:`Probe.step`
     after each optimizer step and :meth:`Probe.close` at the end (or use it in a ``with`` block).
 
-    ``every`` sets the schedule unless ``schedule`` or ``config`` is given.
+    ``every`` sets the schedule unless ``schedule`` or ``config`` is given. ``out`` is locked until the
+    probe closes (a second writer is refused); a folder that already holds probe rows is refused unless
+    ``if_exists`` is ``"append"`` (a resumed loop: rows of the steps it records again are replaced, so
+    each key stays unique) or ``"overwrite"``.
     """
     if schedule is None and config is None:
         schedule = Every(every)
-    probe = Probe(model, out, config=config, schedule=schedule, optimizer=optimizer, **kwargs)
+    probe = Probe(model, out, config=config, schedule=schedule, optimizer=optimizer, if_exists=if_exists, **kwargs)
     return probe.start(start)

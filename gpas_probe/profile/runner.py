@@ -8,6 +8,7 @@ import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from gpas_probe.atomic import publish_dir, temporary_dir
 from gpas_probe.checkpoints import CONFIG_NAME, load, read_config, resolve_checkpoint, step_checkpoints, step_from_name
 from gpas_probe.devices import resolve_device, resolve_dtype
 from gpas_probe.evaldata import TOKENIZER_FILE, EvalData, load_eval_data
+from gpas_probe.lock import RunLock
 from gpas_probe.profile.config import EvalSpec, ProfileConfig
 from gpas_probe.profile.groups import PROFILE_FILE, check_destination, check_run_id, checkpoint_groups
 from gpas_probe.profile.measure import profile_model
@@ -73,7 +75,16 @@ def profile_many(paths: Sequence[str | Path], out: str | Path, config: ProfileCo
     out = Path(out)
     for name in groups:
         check_run_id(name)
-        check_destination(out / name, overwrite)
+    with ExitStack() as locks:
+        for name in groups:  # one writer per profile folder, for the whole call
+            lock = locks.enter_context(RunLock(out / name, "profile", lock_file=out / f".{name}.gpas-probe.lock"))
+            check_destination(out / name, overwrite)
+            lock.announce()
+        return _profile_groups(groups, out, config, callback)
+
+
+def _profile_groups(groups: dict[str, list[Path]], out: Path, config: ProfileConfig,
+                    callback: Callable[[ProfileProgress], None] | None) -> list[Path]:
     loading = config.loading
     dtype, device = resolve_dtype(loading.dtype), resolve_device(loading.device)
     source = _Data(config.evaluation)

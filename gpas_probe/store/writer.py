@@ -7,6 +7,7 @@ import json
 import logging
 import platform
 import subprocess
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,15 @@ import torch
 from gpas_probe._version import __version__
 from gpas_probe.atomic import write_atomic, write_text_atomic
 from gpas_probe.store.reader import load_run
-from gpas_probe.store.schema import ARROW_SCHEMA, META_FILE, META_KEY, SCHEMA_VERSION, part_files, part_number
+from gpas_probe.store.schema import (
+    ARROW_SCHEMA,
+    META_FILE,
+    META_KEY,
+    SCHEMA_VERSION,
+    empty_frame,
+    part_files,
+    part_number,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,19 +103,22 @@ def run_metadata(run_id: str, extra: dict[str, Any] | None = None) -> dict[str, 
 class ProbeWriter:
     """Buffers rows and writes them as parquet chunks in ``directory`` (a run's ``probes/``).
 
-    A chunk is written every ``flush_rows`` rows or every ``flush_steps`` recorded steps (steps with
-    only model rows do not count), whichever comes first, and on :meth:`flush`/:meth:`close`, so
-    memory stays bounded. Chunks already in the directory (a resumed run) are kept and numbering
-    continues after them; the metadata file is written once, when the directory is new.
+    A chunk is written every ``flush_rows`` rows, every ``flush_steps`` recorded steps (steps with only
+    model rows do not count) or ``flush_seconds`` after the previous one, whichever comes first, and on
+    :meth:`flush`/:meth:`close`: memory stays bounded and a live run's rows can be read. Chunks already
+    in the directory (a resumed run) are kept and numbering continues after them; the metadata file is
+    written once, when the directory is new.
     """
 
     def __init__(self, directory: str | Path, run_id: str, meta: dict[str, Any] | None = None, *,
-                 flush_rows: int = 100_000, flush_steps: int = 50) -> None:
-        if flush_rows <= 0 or flush_steps <= 0:
-            raise ValueError(f"flush_rows and flush_steps must be positive, got {flush_rows}, {flush_steps}")
+                 flush_rows: int = 100_000, flush_steps: int = 50, flush_seconds: float = 30.0) -> None:
+        if flush_rows <= 0 or flush_steps <= 0 or flush_seconds <= 0:
+            raise ValueError(f"flush_rows, flush_steps and flush_seconds must be positive, got {flush_rows}, "
+                             f"{flush_steps}, {flush_seconds}")
         self.directory = Path(directory)
         self.run_id = run_id
-        self.flush_rows, self.flush_steps = flush_rows, flush_steps
+        self.flush_rows, self.flush_steps, self.flush_seconds = flush_rows, flush_steps, flush_seconds
+        self._flushed = time.monotonic()
         self.meta = run_metadata(run_id, meta)
         self.directory.mkdir(parents=True, exist_ok=True)
         existing = part_files(self.directory)
@@ -127,7 +139,8 @@ class ProbeWriter:
         """Marks the end of one step (``recorded``: the probes recorded it, rather than only its model
         rows); writes a chunk when a threshold is reached."""
         self._steps += recorded
-        if len(self._rows) >= self.flush_rows or self._steps >= self.flush_steps:
+        if len(self._rows) >= self.flush_rows or self._steps >= self.flush_steps \
+                or time.monotonic() - self._flushed >= self.flush_seconds:
             self.flush()
 
     def flush(self) -> None:
@@ -140,6 +153,7 @@ class ProbeWriter:
         self._next += 1
         self._rows.clear()
         self._steps = 0
+        self._flushed = time.monotonic()
 
     def close(self) -> None:
         if not self.closed:
@@ -160,6 +174,25 @@ class ProbeWriter:
         """Everything written so far (flushes first)."""
         self.flush()
         return load_run(self.directory)
+
+
+class NullWriter:
+    """Discards rows (the ranks of a distributed run that do not write)."""
+
+    def add(self, *row: Any) -> None:
+        pass
+
+    def end_step(self, recorded: bool = True) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+    def frame(self) -> pd.DataFrame:
+        return empty_frame()
 
 
 class MemoryWriter:
@@ -184,6 +217,31 @@ class MemoryWriter:
 
     def frame(self) -> pd.DataFrame:
         return self._rows.to_table(self.run_id).to_pandas()
+
+
+IF_EXISTS = ("error", "append", "overwrite")
+
+
+def open_probe_folder(directory: str | Path, if_exists: str) -> bool:
+    """Make ``directory`` (a run's ``probes/``) ready for a new writer. A folder that holds probe rows is
+    refused (``if_exists="error"``), kept for rows to be added (``"append"``: returns True, and the caller
+    trims the rows of the steps it records again with :func:`truncate_after`), or emptied
+    (``"overwrite"``). Returns whether rows already there are kept."""
+    if if_exists not in IF_EXISTS:
+        raise ValueError(f"unknown if_exists {if_exists!r}; choose one of {', '.join(IF_EXISTS)}")
+    d = Path(directory)
+    parts = part_files(d) if d.is_dir() else []
+    if not parts and not (d / META_FILE).exists():
+        return False
+    if if_exists == "error":
+        raise FileExistsError(f"{d.parent} already holds probe rows ({len(parts)} chunk(s)); pass "
+                              "if_exists='append' to add to them (steps recorded again replace theirs) or "
+                              "'overwrite' to replace them")
+    if if_exists == "overwrite":
+        for f in [*parts, d / META_FILE, *d.glob(".*.tmp")]:
+            f.unlink(missing_ok=True)
+        return False
+    return True
 
 
 def truncate_after(directory: str | Path, step: int, *, check_only: bool = False) -> list[Path]:
