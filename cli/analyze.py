@@ -12,9 +12,10 @@ from rich.table import Table
 
 from gpas_probe.analysis.seeds import grouped, paired_differences, run_groups, seed_summary
 from gpas_probe.analysis.summary import compare_runs
-from gpas_probe.cli.common import console, friendly_errors
+from gpas_probe.cli.common import console, friendly_errors, read_runs
 from gpas_probe.plots import FIGURES, make_figure, save_figure
-from gpas_probe.store import load_runs, run_info
+from gpas_probe.runs import run_state
+from gpas_probe.store import run_info
 from gpas_probe.table import aggregate_runs
 
 plot_app = typer.Typer(help="Render a figure from one or more runs (side by side).", no_args_is_help=True)
@@ -41,7 +42,7 @@ def _plot_command(kind: str):
                                                                   "configuration (default: their mean with a "
                                                                   "95% band across seeds).")] = False,
     ) -> None:
-        data = load_runs(runs)
+        data = read_runs(runs)
         groups, _ = run_groups(runs)
         if grouped(groups) and not each_run:
             data = aggregate_runs(data, groups)
@@ -79,8 +80,9 @@ def print_table(df, title: str) -> None:
 
 @friendly_errors
 def info_cmd(run: Annotated[Path, typer.Argument(help="A run folder.")]) -> None:
-    """Steps, layers, sites, statistics and size of a recorded run."""
-    for key, value in run_info(run).items():
+    """Steps, layers, sites, statistics and size of a recorded run, and whether it is still running."""
+    info = run_info(run)
+    for key, value in {**info, "status": run_state(run)}.items():
         console.print(f"[bold]{key}[/]: {value}", highlight=False)
 
 
@@ -128,7 +130,7 @@ def compare_cmd(runs: Annotated[list[Path], typer.Argument(help="Run folders.")]
 
     Runs of one configuration with different seeds (train --seeds) are grouped: mean ± a 95% interval
     across seeds, and each configuration's paired difference of final validation loss from the first."""
-    data = load_runs(runs)
+    data = read_runs(runs)
     groups, seeds = run_groups(runs)
     if grouped(groups):
         print_seed_comparison(data, groups, seeds)

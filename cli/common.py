@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
 
+import pandas as pd
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress
 
 from gpas_probe.distributed import DistContext, mark_quiet
+from gpas_probe.interrupt import Interrupted
 from gpas_probe.progress import bar_columns
+from gpas_probe.store import load_runs, run_writer
 
 console = Console()
 err_console = Console(stderr=True)
@@ -38,26 +43,66 @@ def error_line(e: BaseException) -> str:
     return msg.splitlines()[0] if msg else type(e).__name__
 
 
+def _out_of_memory(e: BaseException) -> bool:
+    text = str(e).lower()
+    return isinstance(e, MemoryError) or (isinstance(e, RuntimeError) and (
+        "out of memory" in text or "can't allocate memory" in text or "cannot allocate memory" in text))
+
+
+#: What to do about a failing system call, by errno.
+_OS_HINTS = {errno.ENOSPC: "free some space, then run again (a run continues with --resume)",
+             errno.EROFS: "write somewhere writable (--out, -o)",
+             errno.EACCES: "write somewhere you may write (--out, -o), or fix the permissions",
+             errno.EDQUOT: "free some space, then run again (a run continues with --resume)"}
+
+
+def system_error_line(e: BaseException) -> str | None:
+    """The one line for running out of memory or a failing system call (full or read-only disk, no
+    permission), or None for other errors."""
+    if _out_of_memory(e):
+        return (f"out of memory ({error_line(e)}); try a smaller --batch-size or --seq-len"
+                + (" (or --device cpu)" if "cuda" in str(e).lower() else ""))
+    if isinstance(e, OSError) and e.errno is not None and e.strerror:
+        where = f"{e.filename}: " if e.filename else ""
+        hint = _OS_HINTS.get(e.errno)
+        return f"{where}{e.strerror.lower()}" + (f"; {hint}" if hint else "")
+    return None
+
+
 def friendly_errors(fn: F) -> F:
-    """Turn the library's input errors into ``error: ...`` on stderr and a non-zero exit.
+    """Turn the library's input errors, running out of memory and failing system calls (full or read-only
+    disk, permissions) into ``error: ...`` on stderr and exit code 2.
 
     An error marked ``quiet`` (reported already, or by rank 0 of a torchrun launch) exits with the
-    same code without printing.
+    same code without printing. Ctrl-C exits with 130.
     """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except USER_ERRORS as e:
+        except KeyboardInterrupt as e:
+            fail(str(e) if isinstance(e, Interrupted) else "interrupted", code=130)
+        except (*USER_ERRORS, OSError, MemoryError, RuntimeError) as e:
             if getattr(e, "quiet", False):
                 logging.getLogger(__name__).info("error reported already: %s", e)
                 raise typer.Exit(2) from None
-            fail(error_line(e))
-        except KeyboardInterrupt:
-            fail("interrupted", code=130)
+            line = system_error_line(e)
+            if line is None and not isinstance(e, USER_ERRORS):
+                raise
+            fail(line or error_line(e))
 
     return wrapper  # type: ignore[return-value]
+
+
+def read_runs(runs: list[Path]) -> pd.DataFrame:
+    """The runs' probe tables (each must have rows), saying which are still being written."""
+    data = load_runs(runs, require_rows=True)
+    for run in runs:
+        if (live := run_writer(run)) is not None:
+            err_console.print(f"{run} is still running ({live['text']}): using the rows written so far",
+                              style="dim", highlight=False, soft_wrap=True)
+    return data
 
 
 @contextmanager

@@ -11,8 +11,7 @@ import typer
 from rich.table import Table
 
 from gpas_probe.analysis.diagnosis import SIGNAL_NAMES, Diagnosis, Thresholds, diagnose_runs
-from gpas_probe.cli.common import console, friendly_errors
-from gpas_probe.store import load_runs
+from gpas_probe.cli.common import console, friendly_errors, read_runs
 
 _DEFAULTS = Thresholds()
 Opt = typer.Option
@@ -145,7 +144,7 @@ def diagnose_cmd(
                  "min_deletion": min_deletion, "min_deletion_rel": min_deletion_rel, "min_angular": min_angular,
                  "min_angular_rel": min_angular_rel, "min_flags": min_flags, "min_fraction": min_fraction}
     thresholds = Thresholds(**{k: v for k, v in overrides.items() if v is not None})
-    results = diagnose_runs(load_runs(runs), thresholds, step)
+    results = diagnose_runs(read_runs(runs), thresholds, step)
     verdicts = [d.verdict for d in results.values()]
     overall = next(v for v in ("underuse", "inconclusive", "ok", "insufficient data") if v in verdicts)
     if json_out:

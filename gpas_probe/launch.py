@@ -134,6 +134,11 @@ class TrainOptions:
         chosen = given & set(MODEL_FIELDS)
         if chosen:
             mine = dataclasses.replace(self, **{k: v for k, v in _options_of(model, meta).items() if k not in given})
+            if parse_choice(mine.norm, NormScheme, "scheme") is not NormScheme.MIXLN and "post_layers" not in given:
+                mine.post_layers = None  # the run's, from a scheme the options now leave
+            if not (mine.gpas or mine.naive):
+                mine.gate = mine.gate if "gate" in given else None
+                mine.fixed_gate = mine.fixed_gate if "fixed_gate" in given else None
             mine_model = mine.model_config().to_dict()
             fields = sorted({f for option in chosen for f in MODEL_FIELDS[option] or mine_model})
             ran = model.to_dict()

@@ -89,13 +89,18 @@ class RunLock:
             return self
         if self.folder.exists() and not self.folder.is_dir():
             raise NotADirectoryError(f"{self.folder} is a file, not a run folder")
-        self._made_dir = not self.path.parent.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         if fcntl is None:  # pragma: no cover - Windows
             log.warning("no file locking on this platform: nothing stops two writers of %s", self.folder)
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             return self
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            if not self.path.parent.exists():  # (again, if a refused writer's release removed it meanwhile)
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._made_dir = True
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except FileNotFoundError:  # the folder went between the two calls: make it again
+                continue
             try:
                 self._lock(fd)
                 if os.path.exists(self.path) and os.fstat(fd).st_ino == os.stat(self.path).st_ino:

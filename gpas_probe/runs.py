@@ -25,7 +25,8 @@ from gpas_probe.config import ModelConfig, TrainConfig
 from gpas_probe.jsonfile import read_object
 from gpas_probe.lock import RunLock, clear_folder
 from gpas_probe.model import Transformer
-from gpas_probe.store import PROBES_DIR, truncate_after
+from gpas_probe.store import PROBES_DIR, run_writer, truncate_after
+from gpas_probe.store.schema import part_files
 
 log = logging.getLogger(__name__)
 
@@ -199,9 +200,31 @@ def open_run(run_dir: Path, meta: dict[str, Any], resume: bool, overwrite: bool)
 
 
 def discard_run(run_dir: Path) -> None:
-    """A new run failed (its lock still held): if it wrote no checkpoint yet, remove what it wrote, so that
-    nothing half-made stays; with a checkpoint it is kept, to be resumed."""
-    if step_checkpoints(run_dir):
+    """A new run failed (its lock still held): if it wrote neither a checkpoint nor a probe row (it failed
+    to start: out of memory in its first step, an unwritable folder), remove what it wrote, so that
+    nothing half-made stays; otherwise it is kept, to be resumed or read."""
+    probes = run_dir / PROBES_DIR
+    if step_checkpoints(run_dir) or (probes.is_dir() and part_files(probes)):
         return
     log.info("%s: removing the run that failed before its first checkpoint", run_dir)
     clear_folder(run_dir)
+
+
+def run_state(path: str | Path) -> str:
+    """What a run folder (or its ``probes/``) is doing: ``running (pid 123, train, since 12:00:01)``,
+    ``finished at step 300``, ``stopped at step 120 of 300 ...`` or ``not being written``."""
+    live = run_writer(path)
+    if live:
+        return f"running ({live['text']})"
+    folder = Path(path)
+    folder = folder.parent if folder.name == PROBES_DIR else folder
+    if not (folder / RUN_META).is_file():
+        return "not being written"
+    steps = read_run_meta(folder / RUN_META)["train_config"].get("steps")
+    ckpts = step_checkpoints(folder)
+    last = step_from_name(ckpts[-1]) if ckpts else None
+    if last is not None and steps is not None and last >= steps:
+        return f"finished at step {last}"
+    if last is not None:
+        return f"stopped at step {last} of {steps} (its last checkpoint): continue with --resume"
+    return "stopped before its first checkpoint: start it again with --overwrite"

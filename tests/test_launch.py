@@ -60,3 +60,39 @@ def test_labels_and_choices() -> None:
     assert run_label(model) == "pre+gpas"
     assert run_label(model, DistContext(mode="fsdp", world=4)) == "pre+gpas (fsdp x4)"
     assert parse_choice(NormScheme.LNS, NormScheme, "scheme") is NormScheme.LNS
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(gate="sublayer"), "--gate: GPAS gate options do nothing without --gpas"),
+    (dict(fixed_gate=0.5), "--fixed-gate: GPAS gate options do nothing without --gpas"),
+    (dict(train={"gate_clip": 0.1}), "--clip-gate-grad: GPAS gate options do nothing without --gpas"),
+    (dict(gate="layer", fixed_gate=0.1), "--gate, --fixed-gate: GPAS gate options"),
+    (dict(post_layers=2), "--post-layers is a Mix-LN option: add --norm mixln, or leave it out (the scheme is pre)"),
+    (dict(norm="sandwich", gpas=True, post_layers=1), "--post-layers is a Mix-LN option"),
+])
+def test_options_that_would_do_nothing_are_refused(options: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=None) as err:
+        TrainOptions(preset="tiny", **options).build()
+    assert message in str(err.value)
+
+
+def test_gate_options_with_gpas_or_naive_are_used() -> None:
+    model = TrainOptions(preset="tiny", naive=True, gate="sublayer", fixed_gate=0.2).model_config()
+    assert model.gpas_granularity is GateGranularity.SUBLAYER and model.gpas_init == 0.2
+    assert TrainOptions(preset="tiny", gpas=True, train={"gate_clip": 0.1}).build()[1].gate_clip == 0.1
+
+
+def test_naive_runs_are_labelled_naive() -> None:
+    model, *_, out = TrainOptions(preset="tiny", naive=True).build()
+    assert run_label(model) == "pre+naive" and model.label() == "pre+naive" and out == Path("runs/tiny-pre-naive")
+    assert run_label(TrainOptions(preset="tiny").model_config()) == "pre"
+
+
+def test_warmup_not_shorter_than_steps_warns(caplog) -> None:
+    with caplog.at_level("WARNING", logger="gpas_probe.launch"):
+        TrainOptions(preset="tiny", train={"steps": 10, "warmup": 10}).build()
+    assert "--warmup 10 is not shorter than --steps 10" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="gpas_probe.launch"):
+        TrainOptions(preset="tiny", train={"steps": 10, "warmup": 3}).build()
+    assert caplog.text == ""

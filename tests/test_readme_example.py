@@ -7,6 +7,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import torch
 from helpers import assert_figure_file, write_corpus
 from typer.testing import CliRunner
@@ -67,3 +68,38 @@ def test_readme_profile_example(tmp_path, monkeypatch):
     assert folder == Path("profiles/pre-gpas") and (folder / PROFILE_FILE).is_file()
     df = load_run(folder)
     assert set(df["step"]) == {2} and {"deletion_delta", "var", "val_loss"} <= set(df["stat"])
+
+
+def test_readme_drop_in_example_run_twice_refuses_then_appends_without_duplicates(tmp_path, monkeypatch):
+    """Run again into the same folder, the example is refused (it used to append a second copy of every
+    row); with if_exists='append' the steps it records again replace theirs, each key once; with
+    'overwrite' only the new rows remain. The loss is passed undetached: no warning."""
+    import warnings
+
+    import pandas as pd
+
+    from gpas_probe.store import KEY_COLUMNS
+
+    monkeypatch.chdir(tmp_path)
+    code = _block(MARK)
+    exec(compile(code, "README.md", "exec"), {})
+    first = pd.read_parquet("runs/my-loop/probes")  # plain pandas: what is on disk
+    with pytest.raises(FileExistsError, match="already holds probe rows .* if_exists='append'"):
+        exec(compile(code, "README.md", "exec"), {})
+    pd.testing.assert_frame_equal(pd.read_parquet("runs/my-loop/probes"), first)  # the refusal changed nothing
+
+    appended = code.replace("every=10, optimizer=optimizer)", "every=10, optimizer=optimizer, if_exists='append')")
+    appended = appended.replace("range(1, 51)", "range(31, 61)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an undetached loss used to warn on every step
+        exec(compile(appended, "README.md", "exec"), {})
+    both = pd.read_parquet("runs/my-loop/probes")
+    assert not both.duplicated(KEY_COLUMNS).any()
+    assert sorted(both.loc[both["stat"] == "var", "step"].unique()) == [1, 10, 20, 30, 31, 40, 50, 60]
+    kept = both[both["step"] <= 30].sort_values(KEY_COLUMNS).reset_index(drop=True)
+    pd.testing.assert_frame_equal(kept, first[first["step"] <= 30].sort_values(KEY_COLUMNS).reset_index(drop=True))
+
+    overwritten = code.replace("every=10, optimizer=optimizer)",
+                               "every=10, optimizer=optimizer, if_exists='overwrite')")
+    exec(compile(overwritten.replace("range(1, 51)", "range(1, 6)"), "README.md", "exec"), {})
+    assert sorted(pd.read_parquet("runs/my-loop/probes")["step"].unique()) == [1, 2, 3, 4, 5]

@@ -14,6 +14,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from gpas_probe.jsonfile import read_object
+from gpas_probe.lock import holder
 from gpas_probe.store.schema import (
     ARROW_SCHEMA,
     COLUMNS,
@@ -109,13 +110,31 @@ def _repeated_keys(table: pa.Table, contested: np.ndarray) -> np.ndarray:
     return repeated
 
 
+def run_writer(path: str | Path) -> dict[str, Any] | None:
+    """Who is writing the run at ``path`` (a run folder, its ``probes/`` or a chunk) right now, as
+    :func:`gpas_probe.lock.holder` says (``text``: ``pid 123, train, since 12:00:01``), or None."""
+    p = Path(path)
+    folder = p if p.is_dir() and p.name != PROBES_DIR else p.parent
+    if folder.name == PROBES_DIR:
+        folder = folder.parent
+    return holder(folder)
+
+
 def load_runs(paths: Iterable[str | Path], run_ids: Sequence[str] | None = None, *,
-              dedupe: bool = True) -> pd.DataFrame:
-    """Several runs in one long table (see :func:`load_run`); ``run_ids`` replace the stored ids."""
+              dedupe: bool = True, require_rows: bool = False) -> pd.DataFrame:
+    """Several runs in one long table (see :func:`load_run`); ``run_ids`` replace the stored ids.
+    ``require_rows``: a run with no rows yet is an error that names it and says whether it is still
+    being written."""
     paths = list(paths)
     if run_ids is not None and len(run_ids) != len(paths):
         raise ValueError(f"got {len(run_ids)} run_ids for {len(paths)} runs")
     frames = [load_run(p, None if run_ids is None else run_ids[i], dedupe=dedupe) for i, p in enumerate(paths)]
+    for path, frame in zip(paths, frames, strict=True):
+        if require_rows and frame.empty:
+            live = run_writer(path)
+            raise ValueError(f"{path}: no probe rows yet; " + (
+                f"the run is still running ({live['text']}) and writes its rows at least every 30 s: try again "
+                "shortly" if live else "the run recorded none (probes off?) or stopped before writing any"))
     if not frames:
         return empty_frame()
     ids = [f["run_id"].iloc[0] for f in frames if len(f)]

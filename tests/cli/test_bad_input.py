@@ -166,6 +166,27 @@ CASES: dict[str, tuple[Case, str]] = {
     "resume with other data": (
         lambda tmp, run, text: _train(run, _bytes(tmp / "other.txt", b"other text " * 300), "--resume"),
         "--resume with training settings that differ from the run's: data (run: "),
+    "resume of a run stopped before its first checkpoint": (
+        lambda tmp, run, text: _remove_tree(run / "checkpoints", [*_train(run, text), "--steps", "4", "--resume"]),
+        "nothing to resume from: the run stopped before its first checkpoint; pass --overwrite to start it again"),
+    "run.json holding a JSON list, resumed": (
+        lambda tmp, run, text: _write(run / "run.json", "[1, 2]", [*_train(run, text), "--resume"]),
+        "run.json: not a run's metadata (a JSON object expected, found list)"),
+    "config.json holding a JSON list": (
+        lambda tmp, run, text: _write(run / "checkpoints" / "step_000002" / "config.json", "[1, 2]",
+                                      ["profile", str(run), "--out", str(tmp / "p"), "--seq-len", "16"]),
+        "config.json: not a model configuration (a JSON object expected, found list)"),
+    # options that would do nothing
+    "GPAS gate options without --gpas": (
+        lambda tmp, run, text: _train(tmp / "new", text, "--gate", "sublayer", "--clip-gate-grad", "0.1"),
+        "--gate, --clip-gate-grad: GPAS gate options do nothing without --gpas (or --naive); add it, or leave "
+        "them out"),
+    "--fixed-gate without --gpas": (
+        lambda tmp, run, text: _train(tmp / "new", text, "--fixed-gate", "0.5"),
+        "--fixed-gate: GPAS gate options do nothing without --gpas"),
+    "--post-layers outside Mix-LN": (
+        lambda tmp, run, text: _train(tmp / "new", text, "--post-layers", "2"),
+        "--post-layers is a Mix-LN option: add --norm mixln, or leave it out (the scheme is pre)"),
     "resume on another number of processes": (
         lambda tmp, run, text: _edit_json(run / "run.json", world_size=2, then=_train(run, text, "--resume")),
         "--resume on 1 process(es), but the run was trained on 2"),
@@ -189,6 +210,16 @@ def _damage(path: Path, args: list[str]) -> list[str]:
 
 def _remove(path: Path, args: list[str]) -> list[str]:
     path.unlink()
+    return args
+
+
+def _remove_tree(path: Path, args: list[str]) -> list[str]:
+    shutil.rmtree(path)
+    return args
+
+
+def _write(path: Path, content: str, args: list[str]) -> list[str]:
+    path.write_text(content)
     return args
 
 

@@ -4,7 +4,6 @@ loss stops training with a message that names where the first non-finite value a
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import shutil
@@ -15,19 +14,19 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
 import torch
 from helpers import write_corpus
+from run_checks import assert_one_row_per_key, check_every_file_reads, temporaries
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 import gpas_probe.training as train_mod
 from gpas_probe import ModelConfig, TrainConfig, train
-from gpas_probe.checkpoints import load, step_checkpoints
+from gpas_probe.checkpoints import step_checkpoints
 from gpas_probe.cli.main import app
 from gpas_probe.probes import ProbeConfig, load_run
-from gpas_probe.store import COLUMNS, KEY_COLUMNS, ProbeWriter, read_meta, truncate_after
+from gpas_probe.store import KEY_COLUMNS, ProbeWriter, read_meta, truncate_after
 
 runner = CliRunner()
 
@@ -35,41 +34,6 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def text(tmp_path_factory) -> Path:
     return write_corpus(tmp_path_factory.mktemp("data"), seed=1, words=6000)
-
-
-# -- helpers ---------------------------------------------------------------------------------------
-def _check_every_file_reads(run: Path) -> int:
-    """Every whole file of a (possibly killed) run reads; temporary leftovers are ignored by readers.
-    Returns the step of the latest checkpoint (0 if none)."""
-    json.loads((run / "run.json").read_text())
-    probes = run / "probes"
-    if probes.is_dir():
-        json.loads((probes / "_meta.json").read_text())
-        for chunk in sorted(probes.glob("part-*.parquet")):
-            assert pq.read_table(chunk).column_names == list(COLUMNS), chunk
-        pd.read_parquet(probes)  # plain pandas skips the hidden temporaries
-    ckpts = step_checkpoints(run)
-    for ckpt in ckpts:
-        loaded = load(ckpt)
-        state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
-        assert state["step"] == loaded.step == int(ckpt.name.split("_")[1])
-    last = ckpts[-1].name if ckpts else None
-    if last is not None and probes.is_dir():  # the table on disk reaches the latest checkpoint
-        steps = set(load_run(run).step)
-        assert set(range(1, int(last.split("_")[1]) + 1)) <= steps
-    return int(last.split("_")[1]) if last else 0
-
-
-def _temporaries(run: Path) -> list[Path]:
-    return [p for p in run.rglob(".*") if ".tmp" in p.name or ".old-" in p.name]
-
-
-def _assert_one_row_per_key(frame: pd.DataFrame, steps: int) -> None:
-    assert not frame.duplicated(KEY_COLUMNS).any(), frame[frame.duplicated(KEY_COLUMNS, keep=False)].head()
-    assert sorted(frame.step.unique()) == list(range(1, steps + 1))
-    per_step = frame[frame.stat != "val_loss"].groupby("step").apply(
-        lambda g: frozenset(zip(g.layer, g.site, g.direction, g.stat, strict=True)), include_groups=False)
-    assert per_step.nunique() == 1  # every step has the same statistics
 
 
 # -- SIGKILL ---------------------------------------------------------------------------------------
@@ -129,30 +93,30 @@ def test_sigkill_mid_run_leaves_readable_files_and_resume_keeps_one_row_per_key(
     # renames of a new run: 1 run.json, 2 probes/_meta.json, then per 2 steps a chunk and a checkpoint;
     # killed before the 5th (the chunk of steps 3-4): a whole temporary chunk is left behind
     _kill_at_rename(5, args)
-    assert _check_every_file_reads(out) == 2
-    assert [p.name for p in _temporaries(out)] == [".part-000001.parquet.tmp"]
+    assert check_every_file_reads(out) == 2
+    assert [p.name for p in temporaries(out)] == [".part-000001.parquet.tmp"]
     snapshots.append(load_run(out))
 
     # resumed from step 2 (its 1st rename: run.json notes the resume) and killed before its 3rd (checkpoint
     # 4), after the chunk of steps 3-4 was published: the table holds rows the checkpoint does not cover,
     # and a temporary folder is left
     _kill_at_rename(3, [*args, "--resume"])
-    assert _check_every_file_reads(out) == 2
+    assert check_every_file_reads(out) == 2
     assert sorted(load_run(out).step.unique()) == [1, 2, 3, 4]
-    assert [p.name.split("-")[0] for p in _temporaries(out)] == [".step_000004.tmp"]
+    assert [p.name.split("-")[0] for p in temporaries(out)] == [".step_000004.tmp"]
     snapshots.append(load_run(out))
 
     # resumed (rows of steps 3-4 dropped and recorded again), then killed at an arbitrary moment
     _kill_after_checkpoint(8, [*args, "--resume"], delay=random.Random(0).uniform(0, 0.05))
-    assert _check_every_file_reads(out) >= 8
+    assert check_every_file_reads(out) >= 8
     snapshots.append(load_run(out))
 
     res = subprocess.run(_cli([*args, "--resume"]), capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert _check_every_file_reads(out) == steps
-    assert _temporaries(out) == []  # what the kills interrupted was cleared on resume
+    assert check_every_file_reads(out) == steps
+    assert temporaries(out) == []  # what the kills interrupted was cleared on resume
     frame = load_run(out, dedupe=False)
-    _assert_one_row_per_key(frame, steps)
+    assert_one_row_per_key(frame, steps)
     # resuming is exact, so every row recorded before a kill is the one the finished run holds
     final = frame.set_index(KEY_COLUMNS).value
     for before in snapshots:
@@ -181,11 +145,11 @@ def test_resume_replaces_rows_recorded_after_the_checkpoint(tmp_path: Path, text
     resumed = train(m, t, tmp_path / "run", resume=True, probe=ProbeConfig(every=1))
     assert [h.step for h in resumed.history] == list(range(4, 10))
     frame = load_run(tmp_path / "run", dedupe=False)
-    _assert_one_row_per_key(frame, 9)
+    assert_one_row_per_key(frame, 9)
     frame["run_id"] = reference["run_id"].iloc[0]  # the copy lives in a folder of another name
     pd.testing.assert_frame_equal(frame.sort_values(KEY_COLUMNS).reset_index(drop=True),
                                   reference.sort_values(KEY_COLUMNS).reset_index(drop=True))
-    assert _temporaries(tmp_path / "run") == []
+    assert temporaries(tmp_path / "run") == []
 
     # a resume with a sparser probe schedule: the old rows after step 3 go, they are not re-recorded
     shutil.rmtree(tmp_path / "run" / "checkpoints" / "step_000006")
