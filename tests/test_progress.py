@@ -15,6 +15,17 @@ from gpas_probe.progress import ProgressReport
 from gpas_probe.training import StepInfo
 
 
+@pytest.fixture
+def progress_log(caplog, monkeypatch):
+    """caplog on the progress logger itself: the CLI's set-up (run by other tests in this process) stops
+    that logger from propagating to the root logger where caplog listens."""
+    logger = logging.getLogger("gpas_probe.progress")
+    monkeypatch.setattr(logger, "propagate", False)
+    logger.addHandler(caplog.handler)
+    yield caplog
+    logger.removeHandler(caplog.handler)
+
+
 def _info(step: int) -> StepInfo:
     return StepInfo(step=step, loss=2.5, lr=1e-3, grad_norm=1.0, tokens=step * 64, tokens_per_s=1234.0,
                     val_loss=2.25 if step == 10 else None)
@@ -28,7 +39,8 @@ def test_auto_is_a_bar_in_a_terminal_and_lines_in_a_file() -> None:
         ProgressReport("x", 10, mode="loud")
 
 
-def test_lines_come_every_interval_and_at_the_last_step(monkeypatch, caplog) -> None:
+def test_lines_come_every_interval_and_at_the_last_step(monkeypatch, progress_log) -> None:
+    caplog = progress_log
     now = [0.0]
     monkeypatch.setattr(progress_mod.time, "monotonic", lambda: now[0])
     report = ProgressReport("pre+gpas", 10, start=2, mode="lines", every_s=30.0)
@@ -51,7 +63,8 @@ def test_a_bar_draws_in_a_terminal() -> None:
     assert "pre" in out.getvalue() and "4/4" in out.getvalue()
 
 
-def test_train_reports_progress_through_logging_when_not_a_terminal(caplog) -> None:
+def test_train_reports_progress_through_logging_when_not_a_terminal(progress_log) -> None:
+    caplog = progress_log
     config = TrainConfig(steps=3, warmup=1, batch_size=2, seq_len=16, eval_every=0, eval_batches=1, device="cpu")
     with caplog.at_level(logging.INFO, logger="gpas_probe.progress"):
         train(ModelConfig.from_preset("tiny"), config, label="mine")
