@@ -18,8 +18,9 @@ embedding and ``h_L`` the last layer's output before the final norm.
 - Deletion importance (the paper's convention): deleting layer ``l`` skips it, so layer ``l + 1``
   receives ``h_l`` and every later layer keeps its weights. ``delta`` is the token-weighted mean
   validation loss with the layer deleted minus the same loss of the full model. The pass reuses the
-  unchanged prefix: ``h_l`` comes from the single full forward, and only layers ``l+1..L-1`` are
-  re-run, ``L(L-1)/2`` block calls per batch instead of ``L(L-1)`` for delete-and-rerun.
+  unchanged prefix (:mod:`gpas_probe.analysis.passes`): ``h_l`` comes from the single full forward, and
+  only layers ``l+1..L-1`` are re-run, ``L(L-1)/2`` block calls per batch instead of ``L(L-1)`` for
+  delete-and-rerun.
 - Angular distance (Gromov et al. 2024, Mix-LN): ``arccos(cos(h_l, h_{l+n})) / pi`` at each
   sequence's last token, averaged over sequences, for every start ``l`` and block size ``n`` with
   ``l + n <= L``. Per-row normalization (``normalize_rows=True``) min-max scales each block size
@@ -34,43 +35,22 @@ from collections.abc import Iterable
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 
-from gpas_probe.analysis.streaming import Batch, ImportanceSums, last_token_index, stream
+from gpas_probe.analysis.passes import Head, LayerCapture, add_pass, loss_per_sequence
+from gpas_probe.analysis.streaming import Batch, ImportanceSums, stream
 from gpas_probe.model import IGNORE_INDEX, Transformer
 
 
-def _embed(model: Transformer, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    x = model.embed_tokens(input_ids)
-    cos, sin = model.rotary(input_ids.shape[1], x.dtype)
-    return x, cos, sin
-
-
-def _targets(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(positions with a target, the sequence of each, targets per sequence) of a batch's labels."""
-    keep = labels != IGNORE_INDEX
-    return keep, keep.nonzero()[:, 0], keep.sum(-1)
-
-
-def _loss_per_sequence(model: Transformer, h: torch.Tensor, labels: torch.Tensor,
-                       targets: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """Summed cross-entropy of each sequence (B,) of the head applied to pre-norm states ``h``.
-
-    The head runs only at positions with a target: the norm and head act per token, so this equals
-    the model's own loss on those positions."""
-    keep, rows, _ = targets
-    out = torch.zeros(len(labels), dtype=torch.float64, device=h.device)
-    if len(rows):
-        logits = model.lm_head(model.norm(h[keep]))
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 models stay float64
-        out.index_add_(0, rows, F.cross_entropy(logits, labels[keep], reduction="none").double())
-    return out
+def head_of(model: Transformer) -> Head:
+    """Our model's head: the final norm and the output projection, per position."""
+    return lambda h: model.lm_head(model.norm(h))
 
 
 def forward_skipping(model: Transformer, input_ids: torch.Tensor, skip: Iterable[int] = ()) -> torch.Tensor:
     """Pre-final-norm hidden states of the model with the layers in ``skip`` deleted (skipped)."""
     skip = set(skip)
-    x, cos, sin = _embed(model, input_ids)
+    x = model.embed_tokens(input_ids)
+    cos, sin = model.rotary(input_ids.shape[1], x.dtype)
     for layer, block in enumerate(model.layers):
         if layer not in skip:
             x = block(x, cos, sin)
@@ -79,27 +59,11 @@ def forward_skipping(model: Transformer, input_ids: torch.Tensor, skip: Iterable
 
 def _update(model: Transformer, input_ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
             sums: ImportanceSums) -> None:
-    """One batch of the one-pass analyses, reusing the unchanged prefix for each deletion."""
-    rows, last = last_token_index(mask)
-    targets = _targets(labels)
-    x, cos, sin = _embed(model, input_ids)
-    layers = model.layers
-    states = []  # h_l at each sequence's last token, for the angular distances
-    for layer, block in enumerate(layers):
-        if sums.deletion:
-            y = x  # deleting `layer`: the later layers start from its input, the unchanged prefix
-            for later in layers[layer + 1:]:
-                y = later(y, cos, sin)
-            sums.add_deleted(layer, _loss_per_sequence(model, y, labels, targets))
-        if sums.angular:
-            states.append(x[rows, last])
-        out = block(x, cos, sin)
-        if sums.influence:
-            sums.add_influence(layer, x, out, mask)
-        x = out
-    sums.add_loss(_loss_per_sequence(model, x, labels, targets), targets[2])
-    if sums.angular:
-        sums.add_last_states([*states, x[rows, last]])
+    """One batch of the one-pass analyses: one forward, then each deletion replays only the later layers."""
+    with LayerCapture(model.layers) as capture:
+        h = model.hidden_states(input_ids)
+    head = head_of(model)
+    add_pass(sums, capture, labels, mask, loss_per_sequence(head, h, labels), head)
 
 
 def _run(model: Transformer, batches: Iterable[Batch], **flags: bool) -> ImportanceSums:
@@ -119,12 +83,13 @@ def naive_deletion_importance(model: Transformer, batches: Iterable[Batch]) -> p
     """The delete-and-rerun reference of :func:`deletion_importance`: one full forward per layer."""
     L = len(model.layers)
 
+    head = head_of(model)
+
     def update(input_ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor, sums: ImportanceSums) -> None:
-        targets = _targets(labels)
-        sums.add_loss(_loss_per_sequence(model, forward_skipping(model, input_ids), labels, targets), targets[2])
+        full = loss_per_sequence(head, forward_skipping(model, input_ids), labels)
+        sums.add_loss(full, (labels != IGNORE_INDEX).sum(-1))
         for layer in range(L):
-            skipped = forward_skipping(model, input_ids, [layer])
-            sums.add_deleted(layer, _loss_per_sequence(model, skipped, labels, targets))
+            sums.add_deleted(layer, loss_per_sequence(head, forward_skipping(model, input_ids, [layer]), labels))
 
     return stream(model, batches, ImportanceSums(L, deletion=True), update).deletion_frame()
 

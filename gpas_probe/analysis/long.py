@@ -13,7 +13,7 @@ import pandas as pd
 from torch import nn
 
 from gpas_probe.analysis.importance import deletion_importance
-from gpas_probe.analysis.streaming import ANGULAR_COLUMNS, DELETION_COLUMNS, INFLUENCE_COLUMNS, Batch
+from gpas_probe.analysis.streaming import ANGULAR_COLUMNS, DELETION_COLUMNS, ESTIMATE_COLUMNS, INFLUENCE_COLUMNS, Batch
 from gpas_probe.store.schema import ANGULAR_PREFIX, IMPORTANCE_SITE, MODEL_LAYER, MODEL_SITE, as_table_frame
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,9 @@ def to_long(df: pd.DataFrame, run_id: str, step: int | None = None) -> pd.DataFr
     ``deletion_delta_lo``/``_hi``) and ``deletion_loss``, plus the base loss as ``layer=-1,
     site='model', stat='val_loss'``. Block influence: ``site='importance'``, stat ``block_influence``
     (and ``_lo``/``_hi``). Angular distance: ``site=f'angular_n{n}'``, stat ``angular_distance`` (and
-    ``_lo``/``_hi``, ``angular_distance_norm``). ``direction`` is ``'none'``. The step comes from a ``step``
+    ``_lo``/``_hi``, ``angular_distance_norm``). The first-order estimate: ``site='importance'``, stat
+    ``deletion_estimate`` (and ``_lo``/``_hi``); a pass without exact deletion gives its loss as a ``base``
+    frame (``layer``, ``base_loss``). ``direction`` is ``'none'``. The step comes from a ``step``
     column when present (see :func:`importance_over_training`), else from ``step``."""
     cols = set(df.columns) - {"step"}
     if "step" in df.columns:
@@ -75,6 +77,13 @@ def to_long(df: pd.DataFrame, run_id: str, step: int | None = None) -> pd.DataFr
             add(df["layer"], IMPORTANCE_SITE, stat, df[column], steps)
         base = pd.DataFrame({"step": steps, "base_loss": df["base_loss"]}).drop_duplicates("step")
         add(pd.Series(MODEL_LAYER, index=base.index), MODEL_SITE, "val_loss", base["base_loss"], base["step"])
+    elif cols == {"layer", "base_loss"}:
+        base = pd.DataFrame({"step": steps, "base_loss": df["base_loss"]}).drop_duplicates("step")
+        add(pd.Series(MODEL_LAYER, index=base.index), MODEL_SITE, "val_loss", base["base_loss"], base["step"])
+    elif cols == set(ESTIMATE_COLUMNS):
+        for stat, column in (("deletion_estimate", "estimate"), ("deletion_estimate_lo", "estimate_lo"),
+                             ("deletion_estimate_hi", "estimate_hi")):
+            add(df["layer"], IMPORTANCE_SITE, stat, df[column], steps)
     elif cols == set(INFLUENCE_COLUMNS):
         for stat, column in (("block_influence", "influence"), ("block_influence_lo", "influence_lo"),
                              ("block_influence_hi", "influence_hi")):

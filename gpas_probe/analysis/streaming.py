@@ -29,6 +29,7 @@ Update = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "ImportanceSums"], 
 DELETION_COLUMNS = ("layer", "loss_deleted", "base_loss", "delta", "delta_lo", "delta_hi")
 ANGULAR_COLUMNS = ("layer", "n", "distance", "distance_lo", "distance_hi")
 INFLUENCE_COLUMNS = ("layer", "influence", "influence_lo", "influence_hi")
+ESTIMATE_COLUMNS = ("layer", "estimate", "estimate_lo", "estimate_hi")
 
 
 def unpack_batch(batch: Batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -86,16 +87,17 @@ class SequenceSums:
 class ImportanceSums:
     """Running sums of one streamed pass over ``num_layers`` layers; nothing here grows with the batches.
 
-    ``deletion``, ``angular``, ``influence`` say which analyses the pass measures. Each is kept per
-    sequence (:class:`SequenceSums`), so every value comes with its 95% interval: deletion Δloss as the
-    ratio of summed loss differences to summed targets, block influence of summed cosines to summed
-    tokens, angular distance as a mean over sequences. ``skip_first_position`` leaves position 0 out of
-    block influence (a sink token's stream barely turns)."""
+    ``deletion``, ``angular``, ``influence``, ``estimate`` say which analyses the pass measures. Each is
+    kept per sequence (:class:`SequenceSums`), so every value comes with its 95% interval: deletion Δloss
+    (exact, or its first-order ``estimate``) as the ratio of summed loss differences to summed targets,
+    block influence of summed cosines to summed tokens, angular distance as a mean over sequences.
+    ``skip_first_position`` leaves position 0 out of block influence (a sink token's stream barely turns)."""
 
     num_layers: int
     deletion: bool = False
     angular: bool = False
     influence: bool = False
+    estimate: bool = False
     skip_first_position: bool = False
     base_loss: float = 0.0
     tokens: int = 0
@@ -107,6 +109,7 @@ class ImportanceSums:
         self.delta = SequenceSums(L)  # per sequence: deleted loss sum - base loss sum, over targets
         self.cos = SequenceSums(L)  # per sequence: summed cos(h_in, h_out), over real tokens
         self.angles = SequenceSums((L + 1) ** 2)  # per sequence: arccos(cos(h_i, h_j))/pi at its last token
+        self.estimated = SequenceSums(L)  # per sequence: first-order change of its summed loss, over targets
         self._batch: dict[str, Any] = {}  # the current batch's per-sequence values, until end_batch
 
     @property
@@ -125,6 +128,10 @@ class ImportanceSums:
         """The summed loss of each sequence with ``layer`` deleted, (B,)."""
         self.deleted_loss[layer] += float(per_sequence.sum())
         self._batch.setdefault("deleted", {})[layer] = per_sequence.double()
+
+    def add_estimate(self, layer: int, per_sequence: torch.Tensor) -> None:
+        """The first-order estimate of how much each sequence's summed loss rises with ``layer`` deleted, (B,)."""
+        self._batch.setdefault("estimate", {})[layer] = per_sequence.double()
 
     def add_influence(self, layer: int, x: torch.Tensor, out: torch.Tensor, mask: torch.Tensor) -> None:
         """``layer``'s input ``x`` and output ``out`` (B, T, hidden), over the real tokens ``mask``."""
@@ -149,12 +156,14 @@ class ImportanceSums:
         if deleted := batch.get("deleted"):
             diffs = torch.stack([deleted[layer] - batch["base"] for layer in range(self.num_layers)])
             self.delta.add(diffs, batch["targets"])
+        if estimate := batch.get("estimate"):
+            self.estimated.add(torch.stack([estimate[layer] for layer in range(self.num_layers)]), batch["targets"])
         if cos := batch.get("cos"):
             self.cos.add(torch.stack([cos[layer][0] for layer in range(self.num_layers)]), cos[0][1])
 
     def check(self) -> None:
         """Raise ``ValueError`` when the batches held nothing to measure."""
-        if self.deletion and self.tokens == 0:
+        if (self.deletion or self.estimate) and self.tokens == 0:
             raise ValueError("no batch has a target token (every label is -100)")
         if self.angular and self.sequences == 0:
             raise ValueError("no batch has a sequence with a real token")
@@ -191,10 +200,26 @@ class ImportanceSums:
                              "influence_lo": [1.0 - iv.hi for iv in intervals],
                              "influence_hi": [1.0 - iv.lo for iv in intervals]})
 
+    def estimate_frame(self) -> pd.DataFrame:
+        intervals = self.estimated.intervals()
+        return pd.DataFrame({"layer": range(self.num_layers), "estimate": self.estimated.estimates(),
+                             "estimate_lo": [iv.lo for iv in intervals], "estimate_hi": [iv.hi for iv in intervals]})
+
+    def base_frame(self) -> pd.DataFrame:
+        """The full model's loss alone (``layer`` -1, ``base_loss``), for a pass without exact deletion."""
+        return pd.DataFrame({"layer": [-1], "base_loss": [self.base_loss / self.tokens if self.tokens else math.nan]})
+
     def frames(self, normalize_rows: bool = False) -> dict[str, pd.DataFrame]:
-        """Keys ``deletion``, ``angular``, ``block_influence`` (a pass that measured all three)."""
-        return {"deletion": self.deletion_frame(), "angular": self.angular_frame(normalize_rows),
-                "block_influence": self.influence_frame()}
+        """What the pass measured, by key: ``deletion`` (or, without it, ``base`` for the loss),
+        ``angular``, ``block_influence``, ``estimate``."""
+        out = {"deletion": self.deletion_frame()} if self.deletion else {"base": self.base_frame()}
+        if self.angular:
+            out["angular"] = self.angular_frame(normalize_rows)
+        if self.influence:
+            out["block_influence"] = self.influence_frame()
+        if self.estimate:
+            out["estimate"] = self.estimate_frame()
+        return out
 
 
 def _min_max(d: pd.Series) -> pd.Series:

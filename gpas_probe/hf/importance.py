@@ -1,8 +1,10 @@
 """Layer importance of Hugging Face causal LMs, through the streamed pass of
 :mod:`gpas_probe.analysis.streaming` and the same definitions as our model's
 (:mod:`gpas_probe.analysis.importance`): ``h_l`` is the residual stream entering layer ``l``, ``h_L`` the
-last layer's output before the final norm. Deleting a layer replaces its output by its input, one forward
-pass per layer and batch (no prefix reuse)."""
+last layer's output before the final norm. Deleting a layer replaces its output by its input; the later
+layers are replayed on it with the calls recorded in the one forward pass (prefix reuse, as for our model),
+when the model's final norm and head are found and reproduce its logits; otherwise the whole model runs
+once per deleted layer."""
 
 from __future__ import annotations
 
@@ -11,39 +13,42 @@ from typing import Any
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from gpas_probe.analysis.streaming import Batch, ImportanceSums, last_token_index, stream
+from gpas_probe.analysis.passes import Head, LayerCapture, add_pass, sequence_losses
+from gpas_probe.analysis.streaming import Batch, ImportanceSums, stream
 from gpas_probe.hf.loading import logits
 from gpas_probe.model import IGNORE_INDEX
-from gpas_probe.model.adapter import HFLayer, hidden_in, instrument, with_first
+from gpas_probe.model.adapter import HFLayer, find_decoder_layers, hidden_in, instrument, with_first
+
+_NORMS = ("norm", "ln_f", "final_layer_norm", "final_layernorm", "norm_f")
 
 
-def _loss_per_sequence(model: nn.Module, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy of each sequence, (B,)."""
-    out = logits(model, input_ids)
-    out = out.to(torch.promote_types(out.dtype, torch.float32))  # float64 models stay float64
-    ce = F.cross_entropy(out.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
-    return ce.double().reshape(labels.shape).sum(-1)
+def output_head(model: nn.Module) -> Head | None:
+    """The model's final norm and output projection as one per-position function, when it has the usual
+    ones (beside its decoder layers, and ``get_output_embeddings()``); None otherwise. :func:`verified_head`
+    checks it against the model's own logits before it is trusted."""
+    path, _ = find_decoder_layers(model)
+    parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
+    norm = next((m for name in _NORMS if isinstance(m := getattr(parent, name, None), nn.Module)), None)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if norm is None or head is None:
+        return None
+    return lambda h: head(norm(h))
 
 
-class _Capture:
-    """The residual stream entering every layer and leaving the last, from one forward pass."""
-
-    def __init__(self, layers: list[HFLayer]) -> None:
-        self.pre: dict[int, torch.Tensor] = {}
-        self.post: dict[int, torch.Tensor] = {}
-        self.handles = []
-        for hfl in layers:
-            self.handles.append(hfl.hook_resid_pre.register_forward_hook(
-                lambda _m, _a, out, i=hfl.layer: self.pre.__setitem__(i, out)))
-            self.handles.append(hfl.hook_resid_post.register_forward_hook(
-                lambda _m, _a, out, i=hfl.layer: self.post.__setitem__(i, out)))
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.remove()
+def verified_head(model: nn.Module, h_last: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> Head | None:
+    """:func:`output_head`, if it turns the last layer's states into the model's logits (to float32
+    precision, at the positions with a target); a model that scales or caps its logits gets None, and
+    deletion runs whole forwards instead."""
+    head = output_head(model)
+    if head is None:
+        return None
+    keep = labels != IGNORE_INDEX
+    with torch.no_grad():
+        mine, theirs = head(h_last[keep]).float(), logits[keep].float()
+    scale = theirs.abs().max().clamp_min(1e-6)
+    return head if mine.shape == theirs.shape and float((mine - theirs).abs().max() / scale) < 1e-3 else None
 
 
 def _skip_hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> Any:
@@ -54,26 +59,40 @@ def _skip_hook(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     return with_first(output, x)
 
 
-def _update(model: nn.Module, layers: list[HFLayer], input_ids: torch.Tensor, labels: torch.Tensor,
-            mask: torch.Tensor, sums: ImportanceSums) -> None:
-    rows, last = last_token_index(mask)
-    L = len(layers)
-    cap = _Capture(layers)
-    try:
-        s = _loss_per_sequence(model, input_ids, labels)
-    finally:
-        cap.close()
-    if len(cap.pre) != L or len(cap.post) != L:
-        raise ValueError(f"{type(model).__name__}: a forward pass ran {len(cap.pre)} of its {L} decoder layers")
-    sums.add_loss(s, (labels != IGNORE_INDEX).sum(-1))
-    for layer, hfl in enumerate(layers):
-        sums.add_influence(layer, cap.pre[layer], cap.post[layer], mask)
+def deleted_losses_by_rerun(model: nn.Module, layers: list[HFLayer], input_ids: torch.Tensor,
+                            labels: torch.Tensor) -> list[torch.Tensor]:
+    """Each sequence's summed loss with each layer deleted, one whole forward per layer (for a model whose
+    head :func:`verified_head` could not confirm)."""
+    out = []
+    for hfl in layers:
         handle = hfl.target.register_forward_hook(_skip_hook, with_kwargs=True)
         try:
-            sums.add_deleted(layer, _loss_per_sequence(model, input_ids, labels))
+            out.append(sequence_losses(logits(model, input_ids), labels))
         finally:
             handle.remove()
-    sums.add_last_states([cap.pre[i][rows, last] for i in range(L)] + [cap.post[L - 1][rows, last]])
+    return out
+
+
+def add_hf_pass(model: nn.Module, layers: list[HFLayer], capture: LayerCapture, input_ids: torch.Tensor,
+                labels: torch.Tensor, mask: torch.Tensor, full_logits: torch.Tensor, sums: ImportanceSums) -> None:
+    """:func:`gpas_probe.analysis.passes.add_pass` for a Hugging Face model: deletion replays the later
+    layers when the head is verified, else reruns the model once per layer."""
+    L = len(layers)
+    if not capture.complete:
+        raise ValueError(f"{type(model).__name__}: a forward pass did not run all {L} decoder layers")
+    head = verified_head(model, capture.states[-1], full_logits, labels) if sums.deletion else None  # type: ignore[arg-type]
+    add_pass(sums, capture, labels, mask, sequence_losses(full_logits, labels), head)
+    if sums.deletion and head is None:
+        with torch.no_grad():
+            for layer, loss in enumerate(deleted_losses_by_rerun(model, layers, input_ids, labels)):
+                sums.add_deleted(layer, loss)
+
+
+def _update(model: nn.Module, layers: list[HFLayer], input_ids: torch.Tensor, labels: torch.Tensor,
+            mask: torch.Tensor, sums: ImportanceSums) -> None:
+    with LayerCapture([hfl.target for hfl in layers]) as capture:
+        full = logits(model, input_ids)
+    add_hf_pass(model, layers, capture, input_ids, labels, mask, full, sums)
 
 
 def layer_importance(model: nn.Module, batches: Iterable[Batch], normalize_rows: bool = False,

@@ -123,8 +123,9 @@ def layout_of(layer: nn.Module) -> Layout | None:
 # ------------------------------------------------------------------------------------------ tensors
 
 
-def _first_tensor(value: Any) -> torch.Tensor | None:
-    """A (batch, seq, hidden) tensor: the value itself or the first element of a tuple/list output."""
+def hidden_out(value: Any) -> torch.Tensor | None:
+    """A layer's output hidden states (batch, seq, hidden): the value itself or the first element of a
+    tuple/list output."""
     if isinstance(value, (tuple, list)) and value:
         value = value[0]
     return value if isinstance(value, torch.Tensor) and value.dim() == 3 else None
@@ -134,6 +135,14 @@ def hidden_in(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | N
     """A layer's input hidden states: its first positional argument or ``hidden_states=``."""
     value = args[0] if args else kwargs.get("hidden_states")
     return value if isinstance(value, torch.Tensor) and value.dim() == 3 else None
+
+
+def with_hidden(args: tuple[Any, ...], kwargs: dict[str, Any], x: torch.Tensor
+                ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A layer call's arguments with its input hidden states replaced by ``x`` (see :func:`hidden_in`)."""
+    if args:
+        return (x, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": x}
 
 
 def with_first(output: Any, x: torch.Tensor) -> Any:
@@ -219,16 +228,16 @@ class HFLayer(ProbedLayer):
         if not self._active:
             return
         self._active = False
-        y = _first_tensor(output)
+        y = hidden_out(output)
         if y is not None:
             self.hook_resid_post(y)
 
     def _attn_out(self, _module: nn.Module, _args: Any, output: Any) -> None:
-        if self._active and (y := _first_tensor(output)) is not None:
+        if self._active and (y := hidden_out(output)) is not None:
             self.hook_attn_out(y)
 
     def _mlp_out(self, _module: nn.Module, _args: Any, output: Any) -> None:
-        if self._active and (y := _first_tensor(output)) is not None:
+        if self._active and (y := hidden_out(output)) is not None:
             self.hook_mlp_out(y)
 
     def _mid(self, _module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:

@@ -28,6 +28,8 @@ class Driver:
     - ``grad_scale``: the factor activation-gradient statistics are reported with (``1 / world`` in a
       distributed run: the global loss is the mean of the ranks' losses);
     - ``write``: this process stores rows (False on every rank but the first);
+    - ``updates``: an optimizer step follows each recorded step; without one (a profile) no update
+      ratio is measured, so the weights are not copied when a step is armed;
     - ``owns_folder``: the caller holds the run folder's lock (:mod:`gpas_probe.lock`) and has set its
       probe table up (a resumed run's rows trimmed), so the probe neither locks nor checks the folder.
     """
@@ -37,12 +39,18 @@ class Driver:
     all_reduce: AllReduce | None = None
     grad_scale: float = 1.0
     write: bool = True
+    updates: bool = True
     owns_folder: bool = False
 
     @property
     def reads_grads_at_end(self) -> bool:
         """Parameter gradients are read in :meth:`Probe.after_backward` rather than by hooks."""
         return self.grads_at_backward_end or self.all_reduce is not None
+
+    @classmethod
+    def for_profile(cls) -> Driver:
+        """The driver a profile is: ``after_backward`` once every batch's backward has run, no optimizer step."""
+        return cls(grads_at_backward_end=True, updates=False)
 
     @classmethod
     def for_training(cls, ctx: DistContext) -> Driver:

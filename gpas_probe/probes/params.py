@@ -61,6 +61,9 @@ class ParamStats(StatFamily):
             for part, sharded in (("whole", False), ("sharded", True)):
                 if ps := [p for p in params if is_sharded(p) == sharded]:
                     self.segments.append((b.layer, part, ps))
+        if not rec.driver.updates:  # no step will follow: the weight norms only, no copy
+            self._set_each(rec, "w_sq")
+            return
         snapshot = [torch.cat(self._pieces(ps)) for _, _, ps in self.segments]  # copies
         rec.state[self.name] = snapshot
         self._set(rec, "w_sq", snapshot)
@@ -68,6 +71,16 @@ class ParamStats(StatFamily):
     @staticmethod
     def _pieces(params: Sequence[nn.Parameter]) -> list[torch.Tensor]:
         return [local(p).detach().reshape(-1) for p in params]  # views, in the snapshot's order
+
+    def _set_each(self, rec: Recording, name: str) -> None:
+        """The squared norm of each segment from its parameters as they are (one fused norm, no copy)."""
+        pieces = [self._pieces(ps) for _, _, ps in self.segments]
+        squares = sum_sq([t for ts in pieces for t in ts])
+        start = 0
+        for (layer, part, _), ts in zip(self.segments, pieces, strict=True):
+            total = torch.stack(squares[start:start + len(ts)]).sum()
+            start += len(ts)
+            rec.acc.set((layer, "params", name, part), total, SUM if part == "sharded" else SAME)
 
     def _set(self, rec: Recording, name: str, flats: Sequence[torch.Tensor]) -> None:
         for (layer, part, _), sq in zip(self.segments, sum_sq(flats), strict=True):

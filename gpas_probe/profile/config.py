@@ -51,20 +51,37 @@ class LoadSpec:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
 
 
+#: How deletion importance is measured: replaying the later layers for each deleted one, the first-order
+#: estimate from the backward pass (free), or both.
+DELETION_MODES = ("exact", "estimate", "both")
+
+
 @dataclass(frozen=True)
 class Measurements:
     """What is measured: ``activations`` (forward/backward statistics of every probe family, with 95%
-    intervals) and ``importance`` (deletion, angular distance, block influence, with theirs).
+    intervals) and ``importance`` (deletion, angular distance, block influence, with theirs);
+    ``deletion`` (:data:`DELETION_MODES`) says how deletion is measured.
     ``skip_first_position`` leaves position 0 of every window out of the statistics (and of block
     influence): the attention sink of trained LLMs; ``outlier_factor`` says which tokens count as
     outliers (a token RMS above that multiple of the median token's)."""
 
     activations: bool = True
     importance: bool = True
+    deletion: str = "exact"
     skip_first_position: bool = False
     outlier_factor: float = 10.0
 
+    @property
+    def exact(self) -> bool:
+        return self.importance and self.deletion in ("exact", "both")
+
+    @property
+    def estimate(self) -> bool:
+        return self.importance and self.deletion in ("estimate", "both")
+
     def __post_init__(self) -> None:
+        if self.deletion not in DELETION_MODES:
+            raise ValueError(f"unknown importance {self.deletion!r}; choose one of {', '.join(DELETION_MODES)}")
         if not (self.activations or self.importance):
             raise ValueError("nothing to profile: both activations and importance are off")
         if not self.outlier_factor > 1:

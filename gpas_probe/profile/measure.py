@@ -1,10 +1,19 @@
-"""The profile of one model on evaluation data: every probe statistic pooled over all batches as one
-recorded step, then layer importance (rows in the store's schema, see :mod:`gpas_probe.profile`)."""
+"""The profile of one model on evaluation data, in one pass over the batches: for each batch one forward
+(and, for the statistics or the deletion estimate, one backward), from which every probe statistic is
+pooled as one recorded step and every layer-importance analysis is read (rows in the store's schema, see
+:mod:`gpas_probe.profile`).
+
+The forward is captured layer by layer (:class:`~gpas_probe.analysis.passes.LayerCapture`): angular
+distance and block influence read its states, exact deletion replays only the layers after each deleted
+one on them, and the first-order deletion estimate comes from the backward that the statistics make
+anyway. No analysis runs a full forward of its own.
+"""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager, nullcontext
 from types import SimpleNamespace
 from typing import Any
 
@@ -14,58 +23,106 @@ import torch.nn.functional as F
 from torch import nn
 
 from gpas_probe.analysis import to_long
+from gpas_probe.analysis.passes import LayerCapture
+from gpas_probe.analysis.streaming import ImportanceSums, unpack_batch
 from gpas_probe.evaldata import EvalData
 from gpas_probe.model import IGNORE_INDEX
-from gpas_probe.probes import FAMILIES, Probe, ProbeConfig
+from gpas_probe.model.adapter import hidden_in, with_hidden
+from gpas_probe.probes import FAMILIES, Driver, Probe, ProbeConfig
 from gpas_probe.profile.config import ProfileConfig
 from gpas_probe.profile.targets import Target, target_for
 from gpas_probe.store.schema import as_table_frame
 
 log = logging.getLogger(__name__)
 
-
-def _counted(batches: Iterable[Any], on_batch: Callable[[], None] | None) -> Iterator[Any]:
-    for batch in batches:
-        yield batch
-        if on_batch is not None:
-            on_batch()  # the consumer asked for the next batch: this one is done
+#: The frames of an importance pass, in the order they are written.
+_FRAMES = ("deletion", "base", "estimate", "block_influence", "angular")
 
 
-def _probe_frame(target: Target, data: EvalData, step: int, run_id: str, config: ProfileConfig,
-                 on_batch: Callable[[], None] | None) -> pd.DataFrame:
-    """One probe step pooled over every batch; gradients of the token-mean loss over all of them."""
-    model = target.model
-    sizes, measure = config.evaluation.sizes, config.measure
-    n_targets, sequences = data.num_targets(*sizes), 0
-    device = next(model.parameters()).device
-    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
-    was_training = model.training
-    model.eval()
-    model.zero_grad(set_to_none=True)
+def _probe(model: nn.Module, config: ProfileConfig, run_id: str) -> Probe:
+    measure = config.measure
     probes = ProbeConfig(every=1, stats=FAMILIES, intervals=True, skip_first_position=measure.skip_first_position,
                          outlier_factor=measure.outlier_factor)
+    return Probe(model, config=probes, schedule=lambda s: True, run_id=run_id, driver=Driver.for_profile())
+
+
+@contextmanager
+def _activation_gradients_only(model: nn.Module, first: nn.Module) -> Iterator[None]:
+    """A backward that computes no parameter gradient: parameters are frozen and the first layer's input
+    is made a leaf that requires one, so gradients flow through the layers to it alone."""
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+
+    def leaf(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        x = hidden_in(args, kwargs)
+        return None if x is None or not torch.is_grad_enabled() else with_hidden(args, kwargs,
+                                                                                 x.detach().requires_grad_())
+
+    handle = first.register_forward_pre_hook(leaf, with_kwargs=True, prepend=True)
     try:
-        with torch.enable_grad(), Probe(model, config=probes, schedule=lambda s: True, run_id=run_id) as probe:
+        yield
+    finally:
+        handle.remove()
+        for p in frozen:
+            p.requires_grad_(True)
+
+
+def _one_pass(target: Target, data: EvalData, config: ProfileConfig, step: int, run_id: str,
+              on_batch: Callable[[], None] | None) -> list[pd.DataFrame]:
+    """Every batch once: statistics (pooled as one probe step, gradients of the token-mean loss over all
+    batches) and importance sums; returns the frames."""
+    model, measure, sizes = target.model, config.measure, config.evaluation.sizes
+    n_targets, sequences = data.num_targets(*sizes), 0
+    device = next(model.parameters()).device
+    backward = measure.activations or measure.estimate
+    sums = None
+    if measure.importance:
+        sums = ImportanceSums(len(target.layers()), deletion=measure.exact, angular=True, influence=True,
+                              estimate=measure.estimate, skip_first_position=measure.skip_first_position)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    layers = target.layers()
+    model.zero_grad(set_to_none=True)
+    with ExitStack() as stack:
+        if backward and not measure.activations:  # the estimate alone: activation gradients only
+            stack.enter_context(_activation_gradients_only(model, layers[0]))
+        probe = stack.enter_context(_probe(model, config, run_id)) if measure.activations else None
+        if probe is not None:
             probe.begin_step(step)
-            for input_ids, labels, mask in _counted(data.batches(*sizes), on_batch):
-                input_ids, labels, mask = input_ids.to(device), labels.to(device), mask.to(device)
+        for batch in data.batches(*sizes):
+            input_ids, labels, mask = unpack_batch(batch, device)
+            sequences += len(input_ids)
+            if probe is not None:
                 probe.set_exclude_mask(~mask)
                 probe.set_tokens(input_ids)
-                sequences += len(input_ids)
+            capture = LayerCapture(layers, estimate=measure.estimate, scale=n_targets) if sums else None
+            with capture or nullcontext(), torch.enable_grad() if backward else torch.no_grad():
                 logits = target.logits(input_ids)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
                                        reduction="sum")
-                (loss / n_targets).backward()
-                loss_sum += loss.detach().double()
-                del logits, loss
+                if backward:
+                    (loss / n_targets).backward()
+            loss_sum += loss.detach().double()
+            if sums is not None and capture is not None:
+                target.add_pass(capture, input_ids, labels, mask, logits.detach(), sums)
+                sums.end_batch()
+            del logits, loss, capture
+            if on_batch is not None:
+                on_batch()
+        frames = []
+        if probe is not None:
+            probe.after_backward(step)
             val_loss = float(loss_sum) / n_targets
-            probe.end_step(SimpleNamespace(step=step, val_loss=val_loss if not measure.importance else None,
-                                           tokens=n_targets, sequences=sequences))
+            probe.end_step(SimpleNamespace(step=step, val_loss=None if sums else val_loss, tokens=n_targets,
+                                           sequences=sequences))
             frame = probe.frame()
-    finally:
-        model.zero_grad(set_to_none=True)
-        model.train(was_training)
-    return frame[frame["stat"] != "update_ratio"]
+            frames.append(frame[frame["stat"] != "update_ratio"])
+    model.zero_grad(set_to_none=True)
+    if sums is not None:
+        sums.check()
+        result = sums.frames(normalize_rows=True)
+        frames += [to_long(result[k], run_id, step) for k in _FRAMES if k in result]
+    return frames
 
 
 def profile_model(model: nn.Module, data: EvalData, config: ProfileConfig | None = None, *, step: int = 0,
@@ -75,8 +132,8 @@ def profile_model(model: nn.Module, data: EvalData, config: ProfileConfig | None
     ``model`` is ours or a Hugging Face causal LM (instrumented for the call, :mod:`gpas_probe.hf`).
     ``data`` must fit the model (:meth:`EvalData.check_vocab`); ``config`` gives the batch sizes
     (``evaluation``) and what is measured (``measure``); its ``evaluation.data`` and ``loading`` are
-    what made ``data`` and ``model`` and are not read here. ``on_batch(phase)`` is called after each
-    batch of each pass (``"activations"``, then ``"importance"``)."""
+    what made ``data`` and ``model`` and are not read here. ``on_batch("profile")`` is called after each
+    batch."""
     config = config or ProfileConfig()
     target = target_for(model)
     data.check_vocab(model.config.vocab_size)
@@ -84,14 +141,12 @@ def profile_model(model: nn.Module, data: EvalData, config: ProfileConfig | None
     max_len = target.max_len()
     if max_len is not None and sizes[1] > max_len:
         log.warning("seq_len %d exceeds the model's max_position_embeddings %d", sizes[1], max_len)
-    measure = config.measure
-    frames = []
-    with target.probed():
-        if measure.activations:
-            done = (lambda: on_batch("activations")) if on_batch else None
-            frames.append(_probe_frame(target, data, step, run_id, config, done))
-        if measure.importance:
-            done = (lambda: on_batch("importance")) if on_batch else None
-            result = target.importance(_counted(data.batches(*sizes), done), measure.skip_first_position)
-            frames += [to_long(result[k], run_id, step) for k in ("deletion", "block_influence", "angular")]
+    was_training = model.training
+    model.eval()
+    try:
+        with target.probed():
+            done = (lambda: on_batch("profile")) if on_batch else None
+            frames = _one_pass(target, data, config, step, run_id, done)
+    finally:
+        model.train(was_training)
     return as_table_frame(pd.concat(frames, ignore_index=True))

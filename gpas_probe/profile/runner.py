@@ -90,12 +90,13 @@ def _profile_groups(groups: dict[str, list[Path]], out: Path, config: ProfileCon
     source = _Data(config.evaluation)
     first = next(iter(groups.values()))[0]
     ev, measure = config.evaluation, config.measure
-    per_ckpt = source.get(first).num_batches(*ev.sizes) * (measure.activations + measure.importance)
+    per_ckpt = source.get(first).num_batches(*ev.sizes)  # one pass over the batches
     counter = {"done": 0, "total": per_ckpt * sum(len(g) for g in groups.values())}
     options = {"data": {**source.get(first).spec(), "batches": ev.batches, "batch_size": ev.batch_size,
                         "seq_len": ev.seq_len},
                "norm": loading.norm, "post_layers": loading.post_layers, "dtype": str(dtype) if dtype else None,
-               "device": str(device), "importance": measure.importance, "activations": measure.activations,
+               "device": str(device), "importance": measure.importance, "deletion": measure.deletion,
+               "activations": measure.activations,
                "skip_first_position": measure.skip_first_position, "outlier_factor": measure.outlier_factor,
                "backend": loading.backend,
                "gradients": "of the token-mean loss over all target tokens of all batches"}

@@ -3,30 +3,34 @@ profile code never asks which it is (:func:`target_for` does, once)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from typing import Protocol
 
-import pandas as pd
 import torch
 from torch import nn
 
-from gpas_probe.analysis import layer_importance
-from gpas_probe.analysis.streaming import Batch
+from gpas_probe.analysis.importance import head_of
+from gpas_probe.analysis.passes import LayerCapture, add_pass, sequence_losses
+from gpas_probe.analysis.streaming import ImportanceSums
 from gpas_probe.hf import instrument, is_instrumented, logits, uninstrument
-from gpas_probe.hf import layer_importance as hf_layer_importance
+from gpas_probe.hf.importance import add_hf_pass
 from gpas_probe.model import Transformer
+from gpas_probe.model.adapter import HFLayer
 
 
 class Target(Protocol):
-    """A model to profile: its logits, its context length, its layer importance, and a context in which
-    the probes can record it."""
+    """A model to profile: its logits, its context length, its decoder layers, how one forward pass
+    captured from them (:class:`~gpas_probe.analysis.passes.LayerCapture`) becomes layer importance, and
+    a context in which the probes can record it."""
 
     model: nn.Module
 
     def logits(self, input_ids: torch.Tensor) -> torch.Tensor: ...
     def max_len(self) -> int | None: ...
-    def importance(self, batches: Iterable[Batch], skip_first_position: bool) -> dict[str, pd.DataFrame]: ...
+    def layers(self) -> list[nn.Module]: ...
+    def add_pass(self, capture: LayerCapture, input_ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                 logits: torch.Tensor, sums: ImportanceSums) -> None: ...
     def probed(self) -> AbstractContextManager[None]: ...
 
 
@@ -42,8 +46,12 @@ class NativeTarget:
     def max_len(self) -> int | None:
         return self.model.config.max_seq_len
 
-    def importance(self, batches: Iterable[Batch], skip_first_position: bool) -> dict[str, pd.DataFrame]:
-        return layer_importance(self.model, batches, normalize_rows=True, skip_first_position=skip_first_position)
+    def layers(self) -> list[nn.Module]:
+        return list(self.model.layers)
+
+    def add_pass(self, capture: LayerCapture, input_ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                 logits: torch.Tensor, sums: ImportanceSums) -> None:
+        add_pass(sums, capture, labels, mask, sequence_losses(logits, labels), head_of(self.model))
 
     @contextmanager
     def probed(self) -> Iterator[None]:
@@ -62,8 +70,15 @@ class HFTarget:
     def max_len(self) -> int | None:
         return getattr(self.model.config, "max_position_embeddings", None)
 
-    def importance(self, batches: Iterable[Batch], skip_first_position: bool) -> dict[str, pd.DataFrame]:
-        return hf_layer_importance(self.model, batches, normalize_rows=True, skip_first_position=skip_first_position)
+    def layers(self) -> list[nn.Module]:
+        return [layer.target for layer in self._layers()]
+
+    def _layers(self) -> list[HFLayer]:
+        return [b for b in instrument(self.model) if isinstance(b, HFLayer)]
+
+    def add_pass(self, capture: LayerCapture, input_ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor,
+                 logits: torch.Tensor, sums: ImportanceSums) -> None:
+        add_hf_pass(self.model, self._layers(), capture, input_ids, labels, mask, logits, sums)
 
     @contextmanager
     def probed(self) -> Iterator[None]:
