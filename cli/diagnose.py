@@ -92,6 +92,9 @@ def _report(d: Diagnosis) -> None:
     console.print(f"signals: {steps or 'none'}" + (f" (read: {read})" if read else ""), highlight=False)
     for name, why in s["signals_missing"].items():
         console.print(f"  missing {name}: {why}", highlight=False)
+    if agree := s.get("estimate_agreement"):
+        console.print(f"deletion estimate against exact deletion: Spearman {agree['spearman']:.3f} over "
+                      f"{agree['layers']} layers (step {agree['step']})", highlight=False)
     deep = s["deep_layers"]
     n_deep = sum(1 for layer in s["underused_layers"] if layer in deep)
     n_open = sum(1 for layer in s["inconclusive_layers"] if layer in deep)

@@ -12,12 +12,13 @@ import typer
 
 from gpas_probe.checkpoints import BACKENDS
 from gpas_probe.cli.common import console, friendly_errors, progress_bar, setup_logging
-from gpas_probe.profile import PROFILE_FILE, ProfileConfig, ProfileProgress, profile_many
+from gpas_probe.profile import DELETION_MODES, PROFILE_FILE, ProfileConfig, ProfileProgress, profile_many
 
 Opt = typer.Option
 
 
 Backend = Enum("Backend", {name: name for name in BACKENDS}, type=str)  # type: ignore[misc]
+Importance = Enum("Importance", {name: name for name in DELETION_MODES}, type=str)  # type: ignore[misc]
 DType = Enum("DType", {name: name for name in ("fp32", "bf16", "fp16")}, type=str)  # type: ignore[misc]
 
 
@@ -42,6 +43,10 @@ def profile_cmd(
                                                        "per run, named after it).")] = None,
     latest: Annotated[bool, Opt("--latest", help="Only the latest checkpoint of each run folder.")] = False,
     no_importance: Annotated[bool, Opt("--no-importance", help="Skip layer importance.")] = False,
+    importance: Annotated[Importance, Opt(help="Deletion importance: exact (re-run the later layers for each "
+                                               "deleted one), estimate (first order, from the backward pass: "
+                                               "nearly free, ranks layers only roughly), or both (their "
+                                               "agreement shows in diagnose).")] = Importance.exact,  # type: ignore[attr-defined]
     no_activations: Annotated[bool, Opt("--no-activations", help="Skip forward/backward statistics.")] = False,
     skip_first_position: Annotated[bool, Opt("--skip-first-position", help="Leave position 0 of every window "
                                              "out of the statistics (the attention sink of trained LLMs).")] = False,
@@ -57,7 +62,8 @@ def profile_cmd(
     config = ProfileConfig.of(
         data=data, tokenizer=tokenizer, batches=batches, batch_size=batch_size, seq_len=seq_len, norm=norm,
         post_layers=post_layers, device=device, dtype=dtype.value if dtype else None, backend=backend.value,
-        importance=not no_importance, activations=not no_activations, skip_first_position=skip_first_position,
+        importance=not no_importance, deletion=importance.value, activations=not no_activations,
+        skip_first_position=skip_first_position,
         outlier_factor=outlier_factor)
     with ExitStack() as stack:
         bar: dict[str, Any] = {}

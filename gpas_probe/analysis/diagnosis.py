@@ -15,7 +15,9 @@ relative × median over layers)``, *high* when it lies at or above, *unclear* ot
 - ``underused`` when its deletion cost is low;
 - ``inconclusive`` when the interval straddles the threshold.
 
-Deletion decides where it was measured; the angular distance where it alone was (for instance when
+Deletion decides where it was measured (exactly, or else by its first-order estimate from a profile's
+backward pass, ``--importance estimate``: ``summary["estimate_agreement"]`` gives the Spearman rank
+correlation of the two where a profile recorded both); the angular distance where it alone was (for instance when
 only block influence, ``1 - cos``, was recorded: its angle equivalent is used). Without intervals (older
 profiles) the values count as exact.
 
@@ -46,7 +48,15 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from gpas_probe.analysis.evidence import INFLUENCE, SIGNALS, Evidence, model_value, read, read_angular
+from gpas_probe.analysis.evidence import (
+    INFLUENCE,
+    SIGNALS,
+    Evidence,
+    estimate_agreement,
+    model_value,
+    read,
+    read_angular,
+)
 from gpas_probe.analysis.findings import massive_activations
 from gpas_probe.store.schema import check_table
 
@@ -332,6 +342,7 @@ def diagnose(data: pd.DataFrame, thresholds: Thresholds | None = None, step: int
         "advised_tokens": advised_tokens,
         "thresholds_used": taus,
         "findings": {"massive_activations": finding} if finding else {},
+        "estimate_agreement": estimate_agreement(data, step),
         "growth_rate": b,
         "growth_factor": math.exp(b) if math.isfinite(b) else math.nan,
         "growth_intercept": a,

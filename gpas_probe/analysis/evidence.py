@@ -1,7 +1,8 @@
 """The per-layer evidence a diagnosis reads from the long probe table, with its 95% intervals.
 
-Causal signals say whether a layer is used: ``deletion`` (the loss increase when the layer is deleted)
-and ``angular`` (the angle it turns the residual stream by, ``arccos(cos(h_l, h_{l+1}))/π``; from block
+Causal signals say whether a layer is used: ``deletion`` (the loss increase when the layer is deleted,
+measured, or else its first-order estimate ``deletion_estimate`` from a profile's backward pass) and
+``angular`` (the angle it turns the residual stream by, ``arccos(cos(h_l, h_{l+1}))/π``; from block
 influence ``1 - cos`` when only that was recorded). Correlational signals say why: ``variance`` (of
 the layer's output), ``ratio`` (shortcut/branch) and ``grad`` (parameter gradient norm). Each reads
 the first of its statistics present: the robust ones (without outlier tokens, see
@@ -35,7 +36,7 @@ class Signal:
 
 
 SIGNALS = (
-    Signal("deletion", CAUSAL, (IMPORTANCE_SITE,), ("deletion_delta",)),
+    Signal("deletion", CAUSAL, (IMPORTANCE_SITE,), ("deletion_delta", "deletion_estimate")),
     Signal("angular", CAUSAL, ("angular_n1",), ("angular_distance",)),
     Signal("variance", CORRELATIONAL, ("resid_post",), ("var_robust", "var"), "fwd"),
     Signal("ratio", CORRELATIONAL, ("attn", "mlp"), ("shortcut_branch_ratio_robust", "shortcut_branch_ratio"), "fwd"),
@@ -106,6 +107,23 @@ def read_angular(data: pd.DataFrame, step: int | None = None) -> Evidence:
 
     return Evidence(angular.signal, angle(influence.value), angle(influence.lo), angle(influence.hi),
                     "block_influence", influence.step)
+
+
+def estimate_agreement(data: pd.DataFrame, step: int | None = None) -> dict[str, float] | None:
+    """How well the first-order deletion estimate ranks the layers against exact deletion at the same step:
+    ``{"spearman": rho, "layers": n, "step": step}``, or None unless both were recorded (at least 3 layers)."""
+    exact = read(data, Signal("deletion", CAUSAL, (IMPORTANCE_SITE,), ("deletion_delta",)), step)
+    if not exact.available:
+        return None
+    estimate = read(data, Signal("deletion", CAUSAL, (IMPORTANCE_SITE,), ("deletion_estimate",)), exact.step)
+    if not estimate.available:
+        return None
+    both = pd.concat([exact.value, estimate.value], axis=1, join="inner").dropna()
+    if len(both) < 3:
+        return None
+    ranks = both.rank()
+    rho = float(np.corrcoef(ranks.iloc[:, 0], ranks.iloc[:, 1])[0, 1])
+    return {"spearman": rho, "layers": len(both), "step": exact.step}
 
 
 def model_value(data: pd.DataFrame, stat: str, step: int | None) -> float:

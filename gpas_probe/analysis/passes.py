@@ -143,7 +143,7 @@ def add_pass(sums: ImportanceSums, capture: LayerCapture, labels: torch.Tensor, 
     L = len(capture.layers)
     sums.add_loss(base, (labels != IGNORE_INDEX).sum(-1))
     if sums.deletion and head is not None:
-        with torch.no_grad():
+        with torch.inference_mode():
             for layer, loss in enumerate(deleted_losses(capture, head, labels)):
                 sums.add_deleted(layer, loss)
     if sums.influence:

@@ -83,7 +83,7 @@ def add_hf_pass(model: nn.Module, layers: list[HFLayer], capture: LayerCapture, 
     head = verified_head(model, capture.states[-1], full_logits, labels) if sums.deletion else None  # type: ignore[arg-type]
     add_pass(sums, capture, labels, mask, sequence_losses(full_logits, labels), head)
     if sums.deletion and head is None:
-        with torch.no_grad():
+        with torch.inference_mode():
             for layer, loss in enumerate(deleted_losses_by_rerun(model, layers, input_ids, labels)):
                 sums.add_deleted(layer, loss)
 

@@ -13,22 +13,25 @@ record it; 0 when neither tells):
   as if the batches were one: each batch backpropagates its summed cross-entropy divided by the
   total target count (known before the first batch), so ``bwd`` statistics and gradient norms do
   not depend on how the tokens are split into batches;
-- layer importance (:mod:`gpas_probe.analysis.importance`, rows of :func:`gpas_probe.analysis.to_long`): the loss
+- layer importance (:mod:`gpas_probe.analysis.passes`, rows of :func:`gpas_probe.analysis.to_long`): the loss
   increase when each decoder layer is deleted (``site='importance'``, ``deletion_delta`` and
-  ``deletion_loss``), block influence (``block_influence``) and the angular distances
-  (``site='angular_n{n}'``, ``angular_distance`` and the per-row normalized ``angular_distance_norm``);
+  ``deletion_loss``) measured exactly (``Measurements.deletion="exact"``, the default), or its
+  first-order estimate from the backward pass (``deletion_estimate``, ``"estimate"``), or both; block
+  influence (``block_influence``) and the angular distances (``site='angular_n{n}'``,
+  ``angular_distance`` and the per-row normalized ``angular_distance_norm``);
 - the validation loss, ``layer=-1, site='model', stat='val_loss'`` (the token-mean loss over the
   batches).
 
-Batches are streamed twice per checkpoint (once for the statistics, once for importance), one at a
-time, so memory does not grow with the number of batches.
+Each batch is read once: one forward (and one backward for the statistics or the estimate), captured
+layer by layer; every importance analysis reads that pass (exact deletion replays only the layers after
+each deleted one on the captured states), so memory does not grow with the number of batches.
 
 Checkpoints of architectures the native loader does not read (anything but our own, the GPAS code's,
 LLaMA, Mistral and Qwen2) are loaded with ``transformers`` when it is installed (the ``hf`` extra;
 ``LoadSpec(backend="hf")`` forces it, ``"native"`` refuses it) and profiled at the sites their layers expose
 (:mod:`gpas_probe.hf`): every layer's ``resid_pre``/``resid_post``, all sites for layers of a known
-structure. Importance is computed from the same definitions, deleting a layer by replacing its output
-with its input (one forward pass per layer and batch).
+structure. Importance is computed from the same definitions and the same single pass (the later layers
+replayed, or, for a model whose head is not a final norm and a linear map, one forward per deleted layer).
 
 Output layout (``out`` holds one run folder per run)::
 
@@ -49,10 +52,10 @@ Modules: ``config`` (:class:`ProfileConfig`: evaluation batches, loading, measur
 (which checkpoints share a run folder) and ``runner`` (:func:`profile_many`, :func:`profile_checkpoint`).
 """
 
-from gpas_probe.profile.config import EvalSpec, LoadSpec, Measurements, ProfileConfig
+from gpas_probe.profile.config import DELETION_MODES, EvalSpec, LoadSpec, Measurements, ProfileConfig
 from gpas_probe.profile.groups import PROFILE_FILE, checkpoint_groups
 from gpas_probe.profile.measure import profile_model
 from gpas_probe.profile.runner import ProfileProgress, profile_checkpoint, profile_many
 
-__all__ = ["PROFILE_FILE", "EvalSpec", "LoadSpec", "Measurements", "ProfileConfig", "ProfileProgress",
+__all__ = ["DELETION_MODES", "PROFILE_FILE", "EvalSpec", "LoadSpec", "Measurements", "ProfileConfig", "ProfileProgress",
            "checkpoint_groups", "profile_checkpoint", "profile_many", "profile_model"]

@@ -98,15 +98,15 @@ def _one_pass(target: Target, data: EvalData, config: ProfileConfig, step: int, 
             capture = LayerCapture(layers, estimate=measure.estimate, scale=n_targets) if sums else None
             with capture or nullcontext(), torch.enable_grad() if backward else torch.no_grad():
                 logits = target.logits(input_ids)
-                loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
-                                       reduction="sum")
+                wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
+                loss = F.cross_entropy(wide.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
                 if backward:
                     (loss / n_targets).backward()
             loss_sum += loss.detach().double()
             if sums is not None and capture is not None:
                 target.add_pass(capture, input_ids, labels, mask, logits.detach(), sums)
                 sums.end_batch()
-            del logits, loss, capture
+            del logits, wide, loss, capture
             if on_batch is not None:
                 on_batch()
         frames = []

@@ -63,3 +63,31 @@ def test_plot_importance_on_a_training_run_says_profile_first(profiled, tmp_path
     run, _ = profiled
     res = runner.invoke(app, ["plot", "importance", str(run), "-o", str(tmp_path / "x.png")])
     assert res.exit_code == 2 and "profile" in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("mode", ["estimate", "both"])
+def test_importance_modes_reach_diagnose(profiled, tmp_path, mode):
+    """``--importance estimate`` records the estimate in place of exact deletion and diagnose decides on it;
+    ``both`` records both and diagnose reports how well the estimate ranks the layers."""
+    run, _ = profiled
+    res = runner.invoke(app, ["profile", str(run), "--latest", "--out", str(tmp_path), "--batches", "2",
+                              "--batch-size", "2", "--seq-len", "32", "--importance", mode, "--no-activations"])
+    assert res.exit_code == 0, res.output
+    df = load_run(tmp_path / "run")
+    assert ("deletion_delta" in set(df["stat"])) == (mode == "both")
+    assert {"deletion_estimate", "deletion_estimate_lo", "deletion_estimate_hi"} <= set(df["stat"])
+    summary = json.loads(_ok(["diagnose", str(tmp_path / "run"), "--json"]))["runs"][0]["summary"]
+    assert summary["statistics_read"]["deletion"] == ("deletion_delta" if mode == "both" else "deletion_estimate")
+    text = _ok(["diagnose", str(tmp_path / "run")])
+    if mode == "both":
+        rho = summary["estimate_agreement"]["spearman"]
+        assert -1 <= rho <= 1 and summary["estimate_agreement"]["layers"] == 4
+        assert f"Spearman {rho:.3f} over 4 layers" in text
+    else:
+        assert summary["estimate_agreement"] is None and "Spearman" not in text
+
+
+def test_unknown_importance_mode_is_one_line(profiled, tmp_path):
+    run, _ = profiled
+    res = runner.invoke(app, ["profile", str(run), "--out", str(tmp_path), "--importance", "approx"])
+    assert res.exit_code == 2 and "approx" in res.output and "Traceback" not in res.output
