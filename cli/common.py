@@ -15,11 +15,9 @@ import pandas as pd
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import Progress
 
 from gpas_probe.distributed import DistContext, mark_quiet
 from gpas_probe.interrupt import Interrupted
-from gpas_probe.progress import bar_columns
 from gpas_probe.store import load_runs, run_writer
 
 console = Console()
@@ -144,30 +142,3 @@ def setup_logging(verbose: bool) -> None:
         progress.addHandler(handler)
         progress.setLevel(logging.INFO)
         progress.propagate = False
-
-
-@contextmanager
-def progress_bar(description: str, total: int, fields: str = "", *, lazy: bool = False,
-                 **initial: Any) -> Iterator[tuple[Progress, Any]]:
-    """A rich progress bar; ``fields`` formats the task's fields, whose first values are ``initial``.
-
-    ``lazy``: the bar appears with its first update (so an error during set-up prints alone).
-    """
-    progress = Progress(*bar_columns(fields), console=err_console, transient=False)
-    task = progress.add_task(description, total=total, **initial)
-    if lazy:
-        update = progress.update
-
-        def start_then_update(*args: Any, **kwargs: Any) -> None:
-            if not progress.live.is_started:
-                progress.start()
-            update(*args, **kwargs)
-
-        progress.update = start_then_update  # type: ignore[method-assign]
-    else:
-        progress.start()
-    try:
-        yield progress, task
-    finally:
-        if progress.live.is_started:
-            progress.stop()

@@ -3,16 +3,15 @@
 from __future__ import annotations
 
 import json
-from contextlib import ExitStack
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
 from gpas_probe.checkpoints import BACKENDS
-from gpas_probe.cli.common import console, friendly_errors, progress_bar, setup_logging
-from gpas_probe.profile import DELETION_MODES, PROFILE_FILE, ProfileConfig, ProfileProgress, profile_many
+from gpas_probe.cli.common import console, friendly_errors, setup_logging
+from gpas_probe.profile import DELETION_MODES, PROFILE_FILE, ProfileConfig, profile_many
 
 Opt = typer.Option
 
@@ -65,18 +64,7 @@ def profile_cmd(
         importance=not no_importance, deletion=importance.value, activations=not no_activations,
         skip_first_position=skip_first_position,
         outlier_factor=outlier_factor)
-    with ExitStack() as stack:
-        bar: dict[str, Any] = {}
-
-        def on_progress(p: ProfileProgress) -> None:
-            if not bar:  # opened on the first batch, so that bad input gives just its error line
-                bar["bar"], bar["task"] = stack.enter_context(
-                    progress_bar("profile", p.total, "{task.fields[what]}", what=""))
-            bar["bar"].update(bar["task"], completed=p.completed, total=p.total,
-                              what=f"{p.run_id} step {p.step} {p.phase}")
-
-        written = profile_many(ckpts, out, config, run_id=run_id, latest=latest, overwrite=overwrite,
-                               callback=on_progress)
+    written = profile_many(ckpts, out, config, run_id=run_id, latest=latest, overwrite=overwrite, progress="auto")
     for folder in written:
         record = json.loads((folder / PROFILE_FILE).read_text())["checkpoints"]
         steps = ", ".join(str(r["step"]) for r in record)

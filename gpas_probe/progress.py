@@ -1,15 +1,17 @@
-"""Training progress for a person watching: a live bar in a terminal or a notebook, plain lines otherwise.
+"""Progress for a person watching: a live bar in a terminal or a notebook, plain lines otherwise.
 
 :class:`ProgressReport` is called with each step's :class:`~gpas_probe.training.StepInfo`. In a terminal or
 a Jupyter notebook it draws a bar (step, loss, tokens/s, elapsed, eta) on stderr; where output is a file
 or a pipe (``nohup``, CI) it logs one line every ``every_s`` seconds and at the last step through the
 ``gpas_probe.progress`` logger (the command line shows that logger's lines; in Python, configure
-logging to see them).
+logging to see them). :class:`PhaseReport` does the same for work in phases (a profile: reading the
+data, loading each checkpoint, its batches), from the first second.
 """
 
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -83,3 +85,89 @@ class ProgressReport:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+
+
+class PhaseReport:
+    """Progress of work in phases (reading data, loading a model, ``completed`` of ``total`` batches), from
+    the first second: ``update(text, completed, total)`` says what is under way. ``mode`` as for
+    :class:`ProgressReport`. Nothing shows for the first ``quiet_s`` seconds (an error there prints alone);
+    then a bar (updated live, with the current phase) or a line every ``every_s`` seconds, kept coming by a
+    timer even while one phase (a long load) sends no update, and a last line at :meth:`finish`."""
+
+    def __init__(self, label: str, *, mode: str = "auto", every_s: float = 10.0, quiet_s: float = 1.0,
+                 console: Console | None = None, timer: bool = True) -> None:
+        if mode not in MODES:
+            raise ValueError(f"unknown progress mode {mode!r}; choose one of {', '.join(MODES)}")
+        self.console = console or Console(stderr=True)
+        if mode == "auto":
+            mode = "bar" if self.console.is_terminal or self.console.is_jupyter else "lines"
+        self.label, self.mode, self.every_s, self.quiet_s = label, mode, every_s, quiet_s
+        self.text, self.completed, self.total = "starting", 0, 0
+        self._t0 = time.monotonic()
+        self._last_line: float | None = None
+        self._bar: Progress | None = None
+        self._task: Any = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = None
+        if timer and mode != "off":
+            self._thread = threading.Thread(target=self._tick, name="gpas-probe-progress", daemon=True)
+            self._thread.start()
+
+    def update(self, text: str, completed: int, total: int) -> None:
+        with self._lock:
+            self.text, self.completed, self.total = text, completed, total
+            if self._bar is not None:
+                self._bar.update(self._task, description=f"{self.label}: {text}", completed=completed,
+                                 total=total or None)
+        self.poll()
+
+    def line(self, elapsed: float) -> str:
+        """``label: text, batch c/t (p%), elapsed, eta``."""
+        parts = [f"{self.label}: {self.text}"]
+        if self.total:
+            parts.append(f"batch {self.completed}/{self.total} ({self.completed / self.total:.0%})")
+        parts.append(f"elapsed {_clock(elapsed)}")
+        if self.total and self.completed:
+            parts.append(f"eta {_clock(elapsed / self.completed * (self.total - self.completed))}")
+        return ", ".join(parts)
+
+    def poll(self, now: float | None = None) -> None:
+        """Show what is due at ``now`` (default: the clock): the bar once ``quiet_s`` have passed, a line
+        every ``every_s`` seconds after that."""
+        now = time.monotonic() if now is None else now
+        elapsed = now - self._t0
+        if self.mode == "off" or elapsed < self.quiet_s:
+            return
+        with self._lock:
+            if self.mode == "bar" and self._bar is None and not self._stop.is_set():
+                self._bar = Progress(*bar_columns(), console=self.console, transient=False)
+                self._task = self._bar.add_task(f"{self.label}: {self.text}", total=self.total or None,
+                                                completed=self.completed)
+                self._bar.start()
+            elif self.mode == "lines" and (self._last_line is None or now - self._last_line >= self.every_s):
+                self._last_line = now
+                log.info("%s", self.line(elapsed))
+
+    def _tick(self) -> None:
+        while not self._stop.wait(0.25):
+            self.poll()
+
+    def finish(self, text: str) -> None:
+        """The work is done: a last line (lines mode) or the bar at its end."""
+        with self._lock:
+            self.text = text
+            if self.mode == "lines":
+                log.info("%s", self.line(time.monotonic() - self._t0))
+            elif self._bar is not None:
+                self._bar.update(self._task, description=f"{self.label}: {text}", completed=self.completed)
+        self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join()
+        with self._lock:
+            if self._bar is not None:
+                self._bar.stop()
+                self._bar = None

@@ -11,7 +11,7 @@ from rich.console import Console
 
 import gpas_probe.progress as progress_mod
 from gpas_probe import ModelConfig, TrainConfig, train
-from gpas_probe.progress import ProgressReport
+from gpas_probe.progress import PhaseReport, ProgressReport
 from gpas_probe.training import StepInfo
 
 
@@ -84,3 +84,38 @@ def test_the_command_line_prints_progress_lines_when_output_is_not_a_terminal(tm
                                    "--out", str(tmp_path / "run")])
     assert res.exit_code == 0, res.output
     assert "pre: step 3/3 (100%), loss " in res.output  # what nohup or a CI log now shows
+
+
+def test_phase_report_is_quiet_for_the_first_second_then_lines_every_interval(progress_log) -> None:
+    report = PhaseReport("profile", mode="lines", every_s=10.0, quiet_s=1.0, timer=False)
+    t0 = report._t0
+    report.update("reading the evaluation data", 0, 0)
+    report.poll(t0 + 0.5)
+    assert not progress_log.records  # an error in the first second prints alone
+    report.update("loading ckpt", 0, 8)
+    report.poll(t0 + 1.0)  # a long load: the line comes while nothing else happens
+    report.poll(t0 + 5.0)
+    report.update("run step 3", 2, 8)
+    report.poll(t0 + 11.0)
+    lines = [r.getMessage() for r in progress_log.records]
+    assert lines == ["profile: loading ckpt, batch 0/8 (0%), elapsed 0:00:01",
+                     "profile: run step 3, batch 2/8 (25%), elapsed 0:00:11, eta 0:00:33"]
+    report.finish("1 run(s) into out")
+    assert progress_log.records[-1].getMessage().startswith("profile: 1 run(s) into out, batch 2/8 (25%)")
+
+
+def test_profile_shows_progress_lines_when_output_is_not_a_terminal(tiny_gpas_run, tmp_path) -> None:
+    """The command line with stderr going to a file: plain lines, and a last one when done."""
+    import subprocess
+    import sys
+
+    err = tmp_path / "err.txt"
+    with err.open("w") as f:
+        proc = subprocess.run([sys.executable, "-m", "gpas_probe.cli.main", "profile", str(tiny_gpas_run), "--out",
+                               str(tmp_path / "p"), "--batches", "2", "--batch-size", "2", "--seq-len", "32"],
+                              stdout=subprocess.PIPE, stderr=f, text=True, timeout=300)
+    assert proc.returncode == 0, err.read_text()
+    lines = err.read_text().splitlines()
+    assert lines and lines[-1].startswith("profile: 1 run(s) into ")
+    assert "batch 4/4 (100%)" in lines[-1]  # 2 checkpoints, 2 batches each
+    assert all(line.startswith("profile: ") for line in lines), lines

@@ -14,13 +14,22 @@ from pathlib import Path
 from typing import Any
 
 from gpas_probe.atomic import publish_dir, temporary_dir
-from gpas_probe.checkpoints import CONFIG_NAME, load, read_config, resolve_checkpoint, step_checkpoints, step_from_name
+from gpas_probe.checkpoints import (
+    CONFIG_NAME,
+    load,
+    own_tokenizer,
+    read_config,
+    resolve_checkpoint,
+    step_checkpoints,
+    step_from_name,
+)
 from gpas_probe.devices import resolve_device, resolve_dtype
-from gpas_probe.evaldata import TOKENIZER_FILE, EvalData, load_eval_data
+from gpas_probe.evaldata import EvalData, load_eval_data
 from gpas_probe.lock import RunLock
 from gpas_probe.profile.config import EvalSpec, ProfileConfig
 from gpas_probe.profile.groups import PROFILE_FILE, check_destination, check_run_id, checkpoint_groups
 from gpas_probe.profile.measure import profile_model
+from gpas_probe.progress import PhaseReport
 from gpas_probe.store import PROBES_DIR, ProbeWriter
 from gpas_probe.store.schema import MODEL_LAYER
 
@@ -29,14 +38,23 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class ProfileProgress:
-    """Reported after every evaluation batch: ``completed`` of ``total`` batch passes of the whole call."""
+    """What a profile is doing: ``phase`` ``"data"`` (reading and tokenizing the evaluation data),
+    ``"loading"`` (a checkpoint) or ``"profile"`` (reported after every evaluation batch); ``completed``
+    of ``total`` batches of the whole call (``total`` 0 until the data is read)."""
 
     run_id: str
     checkpoint: Path
-    step: int
-    phase: str  # "activations" or "importance"
+    step: int | None
+    phase: str
     completed: int
     total: int
+
+    def describe(self) -> str:
+        if self.phase == "data":
+            return "reading the evaluation data"
+        if self.phase == "loading":
+            return f"loading {self.checkpoint}"
+        return f"{self.run_id} step {self.step}"
 
 
 class _Data:
@@ -48,11 +66,10 @@ class _Data:
         self._cache: dict[Any, EvalData] = {}
 
     def tokenizer_for(self, ckpt: Path) -> Any:
-        """The tokenizer given, else the checkpoint's own ``tokenizer.json`` for text data."""
+        """The tokenizer given, else the checkpoint's own ``tokenizer.json`` (a GGUF file's) for text data."""
         if self.tokenizer is not None:
             return self.tokenizer
-        own = ckpt / TOKENIZER_FILE
-        return own if self.text and own.is_file() else None
+        return own_tokenizer(ckpt) if self.text else None
 
     def get(self, ckpt: Path) -> EvalData:
         tok = self.tokenizer_for(ckpt)
@@ -64,12 +81,15 @@ class _Data:
 
 def profile_many(paths: Sequence[str | Path], out: str | Path, config: ProfileConfig | None = None, *,
                  run_id: str | None = None, latest: bool = False, overwrite: bool = False,
-                 callback: Callable[[ProfileProgress], None] | None = None) -> list[Path]:
+                 callback: Callable[[ProfileProgress], None] | None = None, progress: str = "auto") -> list[Path]:
     """Profile checkpoints, run folders or folders of step checkpoints into ``out`` (:mod:`gpas_probe.profile`).
 
     ``config`` (:class:`ProfileConfig`; ``ProfileConfig.of(**options)`` from flat options) chooses the
     evaluation batches, how checkpoints load and what is measured; a checkpoint's own
-    ``tokenizer.json`` is used for text data when no tokenizer is given. Returns the run folders written."""
+    ``tokenizer.json`` is used for text data when no tokenizer is given. ``callback`` hears every
+    :class:`ProfileProgress`; ``progress`` (:data:`gpas_probe.progress.MODES`) shows it from the first
+    second: a bar in a terminal or a notebook, else a line every 10 s through the ``gpas_probe.progress``
+    logger. Returns the run folders written."""
     config = config or ProfileConfig()
     groups = checkpoint_groups(paths, run_id=run_id, latest=latest)
     out = Path(out)
@@ -80,15 +100,26 @@ def profile_many(paths: Sequence[str | Path], out: str | Path, config: ProfileCo
             lock = locks.enter_context(RunLock(out / name, "profile", lock_file=out / f".{name}.gpas-probe.lock"))
             check_destination(out / name, overwrite)
             lock.announce()
-        return _profile_groups(groups, out, config, callback)
+        report = PhaseReport("profile", mode=progress)
+        locks.callback(report.close)
+
+        def tell(p: ProfileProgress) -> None:
+            report.update(p.describe(), p.completed, p.total)
+            if callback is not None:
+                callback(p)
+
+        written = _profile_groups(groups, out, config, tell)
+        report.finish(f"{len(written)} run(s) into {out}")
+        return written
 
 
 def _profile_groups(groups: dict[str, list[Path]], out: Path, config: ProfileConfig,
-                    callback: Callable[[ProfileProgress], None] | None) -> list[Path]:
+                    callback: Callable[[ProfileProgress], None]) -> list[Path]:
     loading = config.loading
     dtype, device = resolve_dtype(loading.dtype), resolve_device(loading.device)
     source = _Data(config.evaluation)
-    first = next(iter(groups.values()))[0]
+    name, first = next((name, ckpts[0]) for name, ckpts in groups.items())
+    callback(ProfileProgress(name, first, None, "data", 0, 0))
     ev, measure = config.evaluation, config.measure
     per_ckpt = source.get(first).num_batches(*ev.sizes)  # one pass over the batches
     counter = {"done": 0, "total": per_ckpt * sum(len(g) for g in groups.values())}
@@ -107,7 +138,7 @@ def _profile_groups(groups: dict[str, list[Path]], out: Path, config: ProfileCon
 
 
 def _profile_run(name: str, ckpts: list[Path], out: Path, source: _Data, config: ProfileConfig,
-                 options: dict[str, Any], counter: dict[str, int], callback: Callable[[ProfileProgress], None] | None,
+                 options: dict[str, Any], counter: dict[str, int], callback: Callable[[ProfileProgress], None],
                  load_kw: dict[str, Any]) -> Path:
     dest = out / name
     tmp: Path | None = None  # made with the first rows
@@ -116,20 +147,21 @@ def _profile_run(name: str, ckpts: list[Path], out: Path, source: _Data, config:
     try:
         for ckpt in ckpts:
             t0 = time.perf_counter()
+            callback(ProfileProgress(name, ckpt, None, "loading", counter["done"], counter["total"]))
             loaded = load(ckpt, **load_kw)
             model = loaded.model
             step = loaded.step if loaded.step is not None else (step_from_name(ckpt) or 0)
             if any(r["step"] == step for r in record):
                 raise ValueError(f"{ckpt}: step {step} was already profiled in run {name!r} "
                                  f"(from {next(r['path'] for r in record if r['step'] == step)})")
+            callback(ProfileProgress(name, ckpt, step, "data", counter["done"], counter["total"]))
             data = source.get(ckpt)
             data.check_vocab(model.config.vocab_size)
             log.info("profiling %s (step %d) on %s", ckpt, step, data.name)
 
             def on_batch(phase: str, ckpt: Path = ckpt, step: int = step) -> None:
                 counter["done"] += 1
-                if callback is not None:
-                    callback(ProfileProgress(name, ckpt, step, phase, counter["done"], counter["total"]))
+                callback(ProfileProgress(name, ckpt, step, phase, counter["done"], counter["total"]))
 
             frame = profile_model(model, data, config, step=step, run_id=name, on_batch=on_batch)
             if writer is None:

@@ -176,8 +176,13 @@ def test_steps_of_a_run_share_one_folder(run, short_text, tmp_path) -> None:
     assert sorted(frame["step"].unique()) == [2, 4]
     per_step = frame.groupby("step").size()
     assert per_step[2] == per_step[4]
-    assert [e.completed for e in seen] == [1, 2] and {e.total for e in seen} == {2}  # one pass per checkpoint
-    assert [e.step for e in seen] == [2, 4]
+    batches = [e for e in seen if e.phase == "profile"]
+    assert [e.completed for e in batches] == [1, 2] and {e.total for e in batches} == {2}  # one pass per checkpoint
+    assert [e.step for e in batches] == [2, 4]
+    # what is under way is told before each part starts: the data, then each checkpoint's loading
+    assert [(e.phase, e.completed) for e in seen if e.phase != "profile"] == [
+        ("data", 0), ("loading", 0), ("data", 0), ("loading", 1), ("data", 1)]
+    assert seen[0].total == 0 and seen[1].total == 2
     assert [p.name for p in out.iterdir()] == ["myrun"]  # no temporary folder left behind
     # a step checkpoint joins its run's folder; --latest and a run folder take the last step only
     groups = checkpoint_groups([run / "checkpoints" / "step_000002", run], latest=True)
