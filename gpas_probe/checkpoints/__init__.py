@@ -1,14 +1,15 @@
 """Checkpoints (DESIGN §5): our own, other codebases' (the GPAS paper code's, Hugging Face LLaMA,
 Mistral, Qwen2) loaded into our model, and any other causal LM loaded with transformers.
 
-- ``files``: reading ``config.json`` and weights (safetensors, sharded, ``pytorch_model.bin``);
+- ``files``: reading ``config.json``, weights (safetensors, sharded, ``pytorch_model.bin``) and a
+  checkpoint's own tokenizer (GGUF files: :mod:`gpas_probe.hf.gguf`);
 - ``layout``: the HF LLaMA key map of our weights and the ``config.json`` we write;
 - ``steps``: the one rule for step checkpoints (``step_N``, ``checkpoint-N``) and run folders;
 - ``native``: saving and loading ours; ``scheme`` + ``foreign``: others' into our model;
 - ``loader``: :func:`load` (a declared :class:`Loaded`: model, step, path) for any backend.
 """
 
-from gpas_probe.checkpoints.files import CONFIG_NAME, read_config, read_weights
+from gpas_probe.checkpoints.files import CONFIG_NAME, own_tokenizer, read_config, read_weights
 from gpas_probe.checkpoints.foreign import config_from_hf, load_foreign
 from gpas_probe.checkpoints.layout import assign_weights, hf_config, parameter_map
 from gpas_probe.checkpoints.loader import BACKENDS, Loaded, load, load_checkpoint, step_loaders
@@ -17,5 +18,6 @@ from gpas_probe.checkpoints.scheme import infer_scheme
 from gpas_probe.checkpoints.steps import checkpoint_step, resolve_checkpoint, run_of, step_checkpoints, step_from_name
 
 __all__ = ["BACKENDS", "CONFIG_NAME", "Loaded", "assign_weights", "checkpoint_step", "config_from_hf", "hf_config",
-           "infer_scheme", "load", "load_checkpoint", "load_foreign", "parameter_map", "read_config", "read_weights",
-           "resolve_checkpoint", "run_of", "save_checkpoint", "step_checkpoints", "step_from_name", "step_loaders"]
+           "infer_scheme", "load", "load_checkpoint", "load_foreign", "own_tokenizer", "parameter_map", "read_config",
+           "read_weights", "resolve_checkpoint", "run_of", "save_checkpoint", "step_checkpoints", "step_from_name",
+           "step_loaders"]

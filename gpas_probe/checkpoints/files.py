@@ -1,4 +1,6 @@
-"""Reading a checkpoint folder's files: ``config.json`` and the weights, in every format we accept.
+"""Reading a checkpoint folder's files: ``config.json``, the weights in every format we accept, and its
+own tokenizer. A GGUF checkpoint (:mod:`gpas_probe.hf.gguf`) has its configuration and tokenizer read
+from the file.
 
 Weights come from ``model.safetensors``, a sharded ``model.safetensors.index.json``, or
 ``pytorch_model.bin`` (single or sharded, read with ``weights_only=True``). Every unreadable file is
@@ -17,6 +19,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from gpas_probe.evaldata import TOKENIZER_FILE
+from gpas_probe.hf.gguf import gguf_config, gguf_file, gguf_tokenizer
 from gpas_probe.jsonfile import read_object
 
 log = logging.getLogger(__name__)
@@ -35,12 +39,26 @@ def first_line(e: BaseException) -> str:
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
-    """The ``config.json`` of checkpoint folder ``path``."""
+    """The ``config.json`` of checkpoint folder ``path`` (of a GGUF checkpoint: the configuration
+    transformers reads from the file, :func:`gpas_probe.hf.gguf.gguf_config`)."""
+    gguf = gguf_file(path)
+    if gguf is not None:
+        return gguf_config(gguf)
     p = Path(path) / CONFIG_NAME
     try:
         return read_object(p, "a model configuration")
     except FileNotFoundError:
         raise FileNotFoundError(f"{p.parent}: missing {CONFIG_NAME}") from None
+
+
+def own_tokenizer(path: str | Path) -> Path | None:
+    """A checkpoint's own tokenizer as a ``tokenizer.json`` file: its folder's, or the one a GGUF file holds
+    (:func:`gpas_probe.hf.gguf.gguf_tokenizer`); None when it has none."""
+    p = Path(path)
+    if (p / TOKENIZER_FILE).is_file():
+        return p / TOKENIZER_FILE
+    gguf = gguf_file(p)
+    return gguf_tokenizer(gguf) if gguf is not None else None
 
 
 def _unreadable(f: Path, e: BaseException) -> ValueError:

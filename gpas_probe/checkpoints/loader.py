@@ -15,6 +15,7 @@ from gpas_probe.checkpoints.foreign import architecture, load_foreign
 from gpas_probe.checkpoints.native import is_native, load_native
 from gpas_probe.checkpoints.steps import checkpoint_step, resolve_checkpoint, step_checkpoints, step_from_name
 from gpas_probe.devices import resolve_dtype
+from gpas_probe.hf.gguf import gguf_file, load_gguf_causal_lm
 from gpas_probe.hf.loading import load_hf_causal_lm
 
 log = logging.getLogger(__name__)
@@ -57,15 +58,19 @@ def load(path: str | Path, *, backend: str = "native", norm: str | None = None,
     Our checkpoints carry their configuration. Others (the GPAS code's, Hugging Face LLaMA, Mistral,
     Qwen2) load natively by :mod:`~gpas_probe.checkpoints.foreign`, which infers the scheme from the
     keys; ``norm`` and ``post_layers`` override it where the keys cannot decide (post vs deepnorm).
-    Other architectures load with transformers (``backend="hf"``, or ``"auto"``; see :data:`BACKENDS`).
+    Other architectures load with transformers (``backend="hf"``, or ``"auto"``; see :data:`BACKENDS`),
+    and so do GGUF files (a ``.gguf`` file, or a folder holding one; :mod:`gpas_probe.hf.gguf`), dequantised.
     ``dtype`` defaults to the stored one (ours: float32).
     """
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; choose one of {', '.join(BACKENDS)}")
     ckpt = resolve_checkpoint(path)
+    gguf = gguf_file(ckpt)
+    if gguf is not None and backend == "native":
+        raise ValueError(f"{gguf}: a GGUF file loads only with transformers (backend 'hf' or 'auto'), not natively")
     cfg = read_config(ckpt)
     dtype = resolve_dtype(dtype)
-    if not _uses_hf(cfg, backend):
+    if gguf is None and not _uses_hf(cfg, backend):
         if is_native(cfg):
             model: nn.Module = load_native(ckpt, cfg, norm=norm, dtype=dtype, device=device)
         else:
@@ -75,6 +80,9 @@ def load(path: str | Path, *, backend: str = "native", norm: str | None = None,
     if given:
         raise ValueError(f"{ckpt}: {', '.join(given)} applies only to checkpoints loaded natively, "
                          f"not with transformers")
+    if gguf is not None:
+        return Loaded(load_gguf_causal_lm(gguf, dtype=dtype, device=device), checkpoint_step(ckpt, cfg), ckpt, cfg,
+                      "hf")
     try:
         model = load_hf_causal_lm(ckpt, dtype=dtype, device=device)
     except ValueError as e:

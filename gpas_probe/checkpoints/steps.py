@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gpas_probe.checkpoints.files import CONFIG_NAME, read_config
+from gpas_probe.hf.gguf import gguf_file
 from gpas_probe.jsonfile import read_object
 
 log = logging.getLogger(__name__)
@@ -48,14 +49,16 @@ def step_checkpoints(folder: str | Path) -> list[Path]:
 
 
 def run_of(ckpt: Path) -> Path:
-    """The folder a checkpoint belongs to: its run for a step checkpoint, else the checkpoint itself."""
+    """The folder a checkpoint belongs to: its run for a step checkpoint, else the checkpoint itself (a
+    GGUF file's path without ``.gguf``, so that the run is named after the file)."""
     if step_from_name(ckpt) is None:
-        return ckpt
+        return ckpt.with_suffix("") if ckpt.is_file() and gguf_file(ckpt) is not None else ckpt
     return ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS_DIR else ckpt.parent
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint folder; a run folder (or a folder of step checkpoints) resolves to its latest."""
+    """A checkpoint folder; a run folder (or a folder of step checkpoints) resolves to its latest. A GGUF
+    checkpoint (a GGUF file, or a folder holding one and no ``config.json``) is itself."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"checkpoint not found: {p}")
@@ -64,7 +67,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     found = step_checkpoints(p)
     if found:
         return found[-1]
-    raise FileNotFoundError(f"{p}: no {CONFIG_NAME} here (and no checkpoints/step_* of a run)")
+    if gguf_file(p) is not None:
+        return p
+    raise FileNotFoundError(f"{p}: no {CONFIG_NAME} here (and no checkpoints/step_* of a run, nor a .gguf file)")
 
 
 def checkpoint_step(ckpt_dir: str | Path, cfg: dict[str, Any] | None = None) -> int | None:

@@ -24,7 +24,7 @@ def require_transformers() -> ModuleType:
 
 
 @contextmanager
-def _quiet(transformers: ModuleType) -> Iterator[None]:
+def quiet(transformers: ModuleType) -> Iterator[None]:
     """transformers' own logging at errors only, no progress bars and no Python warnings, restored afterwards."""
     tlog = transformers.utils.logging
     verbosity, bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
@@ -41,18 +41,20 @@ def _quiet(transformers: ModuleType) -> Iterator[None]:
 
 
 def load_hf_causal_lm(ckpt: str | Path, dtype: torch.dtype | None = None,
-                      device: str | torch.device | None = None) -> nn.Module:
+                      device: str | torch.device | None = None, **options: Any) -> nn.Module:
     """A checkpoint folder loaded with ``AutoModelForCausalLM`` from local files only, in eval mode
     (:func:`gpas_probe.checkpoints.load_checkpoint` with ``backend="hf"`` also takes a run folder);
     ``dtype`` defaults to the stored one. Weights the model does not use, or weights it lacks, are an
-    error (a model partly initialised at random would be profiled silently)."""
+    error (a model partly initialised at random would be profiled silently). ``options`` go to
+    ``from_pretrained`` (e.g. ``gguf_file``, :mod:`gpas_probe.hf.gguf`)."""
     transformers = require_transformers()
     ckpt = Path(ckpt)
     major = int(transformers.__version__.split(".")[0])
     kwargs: dict[str, Any] = {"local_files_only": True, "output_loading_info": True,
-                              ("dtype" if major >= 5 else "torch_dtype"): dtype if dtype is not None else "auto"}
+                              ("dtype" if major >= 5 else "torch_dtype"): dtype if dtype is not None else "auto",
+                              **options}
     try:
-        with _quiet(transformers):  # its load report and warnings would bury our one-line errors
+        with quiet(transformers):  # its load report and warnings would bury our one-line errors
             model, info = transformers.AutoModelForCausalLM.from_pretrained(str(ckpt), **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, TypeError, AttributeError) as e:
         lines = str(e).strip().splitlines()

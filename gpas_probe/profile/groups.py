@@ -29,12 +29,12 @@ def checkpoint_groups(paths: Sequence[str | Path], *, run_id: str | None = None,
         p = Path(given)
         if not p.exists():
             raise FileNotFoundError(f"checkpoint not found: {p}")
-        if (p / CONFIG_NAME).is_file():
-            ckpts, run = [p], run_of(p.resolve())
+        if (p / CONFIG_NAME).is_file() or p.is_file():
+            ckpts, run = [resolve_checkpoint(p)], run_of(p.resolve())  # a file: GGUF, else resolve's error
         else:
             ckpts, run = (step_checkpoints(p) if p.is_dir() else []), p.resolve()
             if not ckpts:
-                resolve_checkpoint(p)  # raises its one-line error
+                ckpts = [resolve_checkpoint(p)]  # a folder holding a GGUF file; else its one-line error
             if latest:
                 ckpts = ckpts[-1:]
         name = run_id or run.name
