@@ -89,19 +89,20 @@ class ProgressReport:
 
 class PhaseReport:
     """Progress of work in phases (reading data, loading a model, ``completed`` of ``total`` batches), from
-    the first second: ``update(text, completed, total)`` says what is under way. ``mode`` as for
+    the first second: ``update(text, completed, total)`` says what is under way (``completed`` of ``total``
+    units, which ``unit`` names). ``mode`` as for
     :class:`ProgressReport`. Nothing shows for the first ``quiet_s`` seconds (an error there prints alone);
     then a bar (updated live, with the current phase) or a line every ``every_s`` seconds, kept coming by a
     timer even while one phase (a long load) sends no update, and a last line at :meth:`finish`."""
 
     def __init__(self, label: str, *, mode: str = "auto", every_s: float = 10.0, quiet_s: float = 1.0,
-                 console: Console | None = None, timer: bool = True) -> None:
+                 unit: str = "batch", console: Console | None = None, timer: bool = True) -> None:
         if mode not in MODES:
             raise ValueError(f"unknown progress mode {mode!r}; choose one of {', '.join(MODES)}")
         self.console = console or Console(stderr=True)
         if mode == "auto":
             mode = "bar" if self.console.is_terminal or self.console.is_jupyter else "lines"
-        self.label, self.mode, self.every_s, self.quiet_s = label, mode, every_s, quiet_s
+        self.label, self.mode, self.every_s, self.quiet_s, self.unit = label, mode, every_s, quiet_s, unit
         self.text, self.completed, self.total = "starting", 0, 0
         self._t0 = time.monotonic()
         self._last_line: float | None = None
@@ -123,10 +124,10 @@ class PhaseReport:
         self.poll()
 
     def line(self, elapsed: float) -> str:
-        """``label: text, batch c/t (p%), elapsed, eta``."""
+        """``label: text, unit c/t (p%), elapsed, eta``."""
         parts = [f"{self.label}: {self.text}"]
         if self.total:
-            parts.append(f"batch {self.completed}/{self.total} ({self.completed / self.total:.0%})")
+            parts.append(f"{self.unit} {self.completed}/{self.total} ({self.completed / self.total:.0%})")
         parts.append(f"elapsed {_clock(elapsed)}")
         if self.total and self.completed:
             parts.append(f"eta {_clock(elapsed / self.completed * (self.total - self.completed))}")

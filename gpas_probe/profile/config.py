@@ -38,17 +38,21 @@ class EvalSpec:
 class LoadSpec:
     """How checkpoints load (:func:`gpas_probe.checkpoints.load`): ``backend`` (``auto``, ``native``,
     ``hf``), ``norm``/``post_layers`` where the weights cannot tell the scheme, ``dtype`` (default: as
-    stored) and ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``)."""
+    stored) and ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``). ``stream``: one decoder layer's
+    weights in memory at a time (:mod:`gpas_probe.profile.streamed`), for models larger than memory."""
 
     backend: str = "auto"
     norm: str | None = None
     post_layers: int | None = None
     dtype: torch.dtype | str | None = None
     device: str | torch.device = "auto"
+    stream: bool = False
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        if self.stream and self.backend == "hf":
+            raise ValueError("streaming profiles natively loaded checkpoints only, not with the hf backend")
 
 
 #: How deletion importance is measured: replaying the later layers for each deleted one, the first-order

@@ -29,6 +29,7 @@ from gpas_probe.lock import RunLock
 from gpas_probe.profile.config import EvalSpec, ProfileConfig
 from gpas_probe.profile.groups import PROFILE_FILE, check_destination, check_run_id, checkpoint_groups
 from gpas_probe.profile.measure import profile_model
+from gpas_probe.profile.streamed import open_streamed, profile_streamed
 from gpas_probe.progress import PhaseReport
 from gpas_probe.store import PROBES_DIR, ProbeWriter
 from gpas_probe.store.schema import MODEL_LAYER
@@ -54,7 +55,7 @@ class ProfileProgress:
             return "reading the evaluation data"
         if self.phase == "loading":
             return f"loading {self.checkpoint}"
-        return f"{self.run_id} step {self.step}"
+        return f"{self.run_id} step {self.step}" + ("" if self.phase == "profile" else f", {self.phase}")
 
 
 class _Data:
@@ -100,7 +101,7 @@ def profile_many(paths: Sequence[str | Path], out: str | Path, config: ProfileCo
             lock = locks.enter_context(RunLock(out / name, "profile", lock_file=out / f".{name}.gpas-probe.lock"))
             check_destination(out / name, overwrite)
             lock.announce()
-        report = PhaseReport("profile", mode=progress)
+        report = PhaseReport("profile", mode=progress, unit="layer pass" if config.loading.stream else "batch")
         locks.callback(report.close)
 
         def tell(p: ProfileProgress) -> None:
@@ -122,6 +123,9 @@ def _profile_groups(groups: dict[str, list[Path]], out: Path, config: ProfileCon
     callback(ProfileProgress(name, first, None, "data", 0, 0))
     ev, measure = config.evaluation, config.measure
     per_ckpt = source.get(first).num_batches(*ev.sizes)  # one pass over the batches
+    if loading.stream:  # a sweep through the layers (two with a backward), and the head
+        backward = measure.activations or measure.estimate
+        per_ckpt = int(read_config(first).get("num_hidden_layers") or 0) * (2 if backward else 1) + 1
     counter = {"done": 0, "total": per_ckpt * sum(len(g) for g in groups.values())}
     options = {"data": {**source.get(first).spec(), "batches": ev.batches, "batch_size": ev.batch_size,
                         "seq_len": ev.seq_len},
@@ -129,7 +133,7 @@ def _profile_groups(groups: dict[str, list[Path]], out: Path, config: ProfileCon
                "device": str(device), "importance": measure.importance, "deletion": measure.deletion,
                "activations": measure.activations,
                "skip_first_position": measure.skip_first_position, "outlier_factor": measure.outlier_factor,
-               "backend": loading.backend,
+               "backend": loading.backend, "stream": loading.stream,
                "gradients": "of the token-mean loss over all target tokens of all batches"}
     load_kw = dict(backend=loading.backend, norm=loading.norm, post_layers=loading.post_layers, dtype=dtype,
                    device=device)
@@ -148,7 +152,7 @@ def _profile_run(name: str, ckpts: list[Path], out: Path, source: _Data, config:
         for ckpt in ckpts:
             t0 = time.perf_counter()
             callback(ProfileProgress(name, ckpt, None, "loading", counter["done"], counter["total"]))
-            loaded = load(ckpt, **load_kw)
+            loaded: Any = open_streamed(ckpt, **load_kw) if config.loading.stream else load(ckpt, **load_kw)
             model = loaded.model
             step = loaded.step if loaded.step is not None else (step_from_name(ckpt) or 0)
             if any(r["step"] == step for r in record):
@@ -163,7 +167,10 @@ def _profile_run(name: str, ckpts: list[Path], out: Path, source: _Data, config:
                 counter["done"] += 1
                 callback(ProfileProgress(name, ckpt, step, phase, counter["done"], counter["total"]))
 
-            frame = profile_model(model, data, config, step=step, run_id=name, on_batch=on_batch)
+            if config.loading.stream:
+                frame = profile_streamed(loaded, data, config, step=step, run_id=name, on_unit=on_batch)
+            else:
+                frame = profile_model(model, data, config, step=step, run_id=name, on_batch=on_batch)
             if writer is None:
                 tmp = temporary_dir(dest)
                 checkpoints = [{"path": str(c), "config": read_config(c)} for c in ckpts]

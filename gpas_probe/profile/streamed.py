@@ -1,0 +1,283 @@
+"""Profiles of models larger than memory: one decoder layer's weights in memory at a time.
+
+``LoadSpec(stream=True)`` (``gpas-probe profile --stream``) reads a natively loadable checkpoint's
+safetensors files memory-mapped (:class:`LazyWeights`) into a model skeleton on the meta device, filling
+one module at a time and emptying it after use. Every evaluation batch goes through each layer before
+the next layer is read, so each layer's weights are read once per sweep:
+
+- **forward sweep** (no gradients): the residual stream ``h_l`` of every batch is kept at every layer
+  boundary; exact deletion advances all "layer ``k`` deleted" streams together (the stream for ``k``
+  starts at ``h_k`` and goes through every later layer with the others), so the arithmetic is that of
+  prefix reuse; the head then gives each stream's loss;
+- **reverse sweep** (for the statistics or the deletion estimate): from the gradient at the last layer's
+  output, each layer is recomputed on its kept input with gradients and backpropagated, batch by batch;
+  a probe armed on that layer alone records its forward and backward statistics, gradient and weight
+  norms and gates exactly as the in-memory profile does (:mod:`gpas_probe.profile.measure`).
+
+The model-level ``grad_norm`` adds the layers', the head's and the embedding's gradients (the embedding's
+is the gradient at layer 0's input summed per token, so only the rows of tokens present are formed).
+The rows equal the in-memory profile's.
+
+Memory: the largest module's weights (the embedding, the head with its gradient, or one layer with its
+gradient) and, for the N evaluation tokens at once, ``(L + 1) · N · hidden`` kept states plus up to
+``L · N · hidden`` deletion streams during the forward sweep. Checkpoints that load only with
+transformers (GGUF, other architectures) and ``pytorch_model.bin`` weights cannot stream.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from safetensors import SafetensorError, safe_open
+from torch import nn
+
+from gpas_probe.analysis import to_long
+from gpas_probe.analysis.passes import add_pass, loss_per_sequence
+from gpas_probe.analysis.streaming import ImportanceSums, unpack_batch
+from gpas_probe.checkpoints import read_config, resolve_checkpoint
+from gpas_probe.checkpoints.files import first_line
+from gpas_probe.checkpoints.foreign import config_from_hf
+from gpas_probe.checkpoints.layout import parameter_map
+from gpas_probe.checkpoints.native import is_native
+from gpas_probe.checkpoints.steps import checkpoint_step
+from gpas_probe.config import ModelConfig
+from gpas_probe.evaldata import EvalData
+from gpas_probe.model import IGNORE_INDEX, Transformer, build_model
+from gpas_probe.probes import FAMILIES, Driver, Probe, ProbeConfig
+from gpas_probe.profile.config import ProfileConfig
+from gpas_probe.store.schema import MODEL_LAYER, MODEL_SITE, as_table_frame
+
+log = logging.getLogger(__name__)
+
+SAFE_NAME, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
+_FRAMES = ("deletion", "base", "estimate", "block_influence", "angular")
+
+
+class LazyWeights:
+    """A checkpoint's safetensors tensors by key, each read (memory-mapped) only when asked for."""
+
+    def __init__(self, ckpt: Path) -> None:
+        if (ckpt / SAFE_INDEX).is_file():
+            from gpas_probe.jsonfile import read_object
+
+            weight_map = read_object(ckpt / SAFE_INDEX, "a shard index").get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{ckpt / SAFE_INDEX}: not a valid shard index (no weight_map)")
+            self.files = {k: ckpt / v for k, v in weight_map.items()}
+        elif (ckpt / SAFE_NAME).is_file():
+            self.files = dict.fromkeys(self._keys(ckpt / SAFE_NAME), ckpt / SAFE_NAME)
+        else:
+            raise ValueError(f"{ckpt}: streaming reads safetensors weights ({SAFE_NAME} or {SAFE_INDEX}); "
+                             f"none here (profile it without --stream)")
+        self.files = {k: f for k, f in self.files.items() if not k.endswith("rotary_emb.inv_freq")}
+
+    @staticmethod
+    def _keys(f: Path) -> list[str]:
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                return list(handle.keys())
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{f}: unreadable weights ({first_line(e)})") from None
+
+    def keys(self) -> list[str]:
+        return list(self.files)
+
+    def get(self, key: str) -> torch.Tensor:
+        with safe_open(str(self.files[key]), framework="pt") as handle:
+            return handle.get_tensor(key)
+
+
+@dataclass
+class StreamedCheckpoint:
+    """A checkpoint opened for streaming: ``model`` is a skeleton on the meta device (``model.config``),
+    ``config`` the parsed ``config.json``, ``keys`` each parameter name's tensor key."""
+
+    path: Path
+    config: dict[str, Any]
+    step: int | None
+    model: Transformer
+    weights: LazyWeights
+    keys: dict[str, str]
+    dtype: torch.dtype
+    device: torch.device
+
+    @contextmanager
+    def filled(self, *modules: nn.Module, grad: bool = False) -> Iterator[None]:
+        """``modules`` (of ``model``) with their weights in memory for the block, empty again after it."""
+        names = {id(m): n for n, m in self.model.named_modules()}
+        try:
+            for m in modules:
+                m.to_empty(device=self.device)
+                for name, p in m.named_parameters(prefix=names[id(m)]):
+                    with torch.no_grad():
+                        p.copy_(self.weights.get(self.keys[name]))
+                    p.requires_grad_(grad)
+            if self.model.config.tie_embeddings and any(m is self.model.lm_head for m in modules):
+                self.model.lm_head.weight = self.model.embed_tokens.weight
+            yield
+        finally:
+            for m in modules:
+                m.to("meta")
+
+
+def open_streamed(path: str | Path, *, backend: str = "auto", norm: str | None = None,
+                  post_layers: int | None = None, dtype: torch.dtype | None = None,
+                  device: torch.device | str | None = None) -> StreamedCheckpoint:
+    """Open a checkpoint for :func:`profile_streamed`: its configuration and tensor index, no weights."""
+    ckpt = resolve_checkpoint(path)
+    if backend == "hf":
+        raise ValueError(f"{ckpt}: streaming profiles natively loaded checkpoints only, not with transformers")
+    cfg = read_config(ckpt)
+    weights = LazyWeights(ckpt)
+    if is_native(cfg):
+        config = ModelConfig.from_dict(cfg["gpas_probe"]["model_config"])
+    else:
+        try:
+            config = config_from_hf(cfg, weights.keys(), norm, post_layers)
+        except ValueError as e:
+            raise ValueError(f"{ckpt}: {e} (streaming profiles natively loadable checkpoints only)") from None
+    with torch.device("meta"):
+        model = build_model(config)
+    stored = weights.get("model.embed_tokens.weight").dtype if dtype is None else dtype
+    model = model.to(dtype=stored).eval()
+    if config.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
+    model.rotary.to_empty(device=device or "cpu")
+    by_id = {id(p): key for key, p in parameter_map(model).items()}
+    keys = {name: by_id[id(p)] for name, p in model.named_parameters(remove_duplicate=False) if id(p) in by_id}
+    missing = sorted(set(by_id.values()) - set(weights.keys()))
+    if missing:
+        raise ValueError(f"{ckpt}: missing weights, e.g. {missing[:3]} ({len(missing)} in all)")
+    return StreamedCheckpoint(ckpt, cfg, checkpoint_step(ckpt, cfg), model, weights, keys, stored,
+                              torch.device(device or "cpu"))
+
+
+def _sq(t: torch.Tensor | None) -> torch.Tensor:
+    return torch.zeros((), dtype=torch.float64) if t is None else t.double().square().sum()
+
+
+def _layer_probe(block: nn.Module, config: ProfileConfig, run_id: str) -> Probe:
+    m = config.measure
+    probes = ProbeConfig(every=1, stats=tuple(s for s in FAMILIES if s != "model"), intervals=True,
+                         skip_first_position=m.skip_first_position, outlier_factor=m.outlier_factor)
+    return Probe(nn.ModuleList([block]), config=probes, schedule=lambda s: True, run_id=run_id,
+                 driver=Driver.for_profile())
+
+
+def profile_streamed(sc: StreamedCheckpoint, data: EvalData, config: ProfileConfig, *, step: int = 0,
+                     run_id: str = "profile", on_unit: Callable[[str], None] | None = None) -> pd.DataFrame:
+    """The profile rows of a streamed checkpoint (module doc); ``on_unit(phase)`` after each layer of each
+    sweep and after the head: ``L + 1`` units, ``2L + 1`` with a reverse sweep."""
+    model, measure, sizes = sc.model, config.measure, config.evaluation.sizes
+    data.check_vocab(model.config.vocab_size)
+    L, n_targets = model.config.num_layers, data.num_targets(*sizes)
+    batches = [unpack_batch(b, sc.device) for b in data.batches(*sizes)]
+    backward = measure.activations or measure.estimate
+    tell = on_unit or (lambda _phase: None)
+    with torch.no_grad(), sc.filled(model.embed_tokens):
+        states = [[model.embed_tokens(ids) for ids, _, _ in batches]]
+    cos, sin = model.rotary(batches[0][0].shape[1], sc.dtype)
+    streams: dict[int, list[torch.Tensor]] = {}
+    with torch.no_grad():
+        for layer, block in enumerate(model.layers):
+            with sc.filled(block):
+                states.append([block(x, cos, sin) for x in states[layer]])
+                if measure.exact:
+                    streams = {k: [block(x, cos, sin) for x in s] for k, s in streams.items()}
+                    streams[layer] = states[layer]  # layer deleted: the stream goes on from its input
+            tell("forward sweep")
+    head_modules = (model.embed_tokens, model.norm, model.lm_head) if model.config.tie_embeddings else (
+        model.norm, model.lm_head)
+    grads: list[torch.Tensor] = []
+    grad_sq = torch.zeros((), dtype=torch.float64, device=sc.device)  # the global gradient norm's square
+    with sc.filled(*head_modules, grad=measure.activations):
+        def head(h: torch.Tensor) -> torch.Tensor:
+            return model.lm_head(model.norm(h))
+
+        with torch.no_grad():
+            base = [loss_per_sequence(head, states[L][b], labels) for b, (_, labels, _) in enumerate(batches)]
+            deleted = {k: [loss_per_sequence(head, s[b], batches[b][1]) for b in range(len(batches))]
+                       for k, s in streams.items()}
+        streams.clear()
+        for b, (_, labels, _) in enumerate(batches):
+            if not backward:
+                break
+            x = states[L][b].detach().requires_grad_()
+            logits = head(x)
+            wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+            loss = F.cross_entropy(wide.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+            (loss / n_targets).backward()
+            grads.append(x.grad)
+        head_grad = model.lm_head.weight.grad
+        if head_grad is not None:  # the head's (and a tied embedding's) gradient rows at the input tokens
+            tokens = torch.unique(torch.cat([ids.flatten() for ids, _, _ in batches]))
+            head_rows = head_grad[tokens].double()
+            grad_sq += _sq(head_grad) + _sq(model.norm.weight.grad)
+    tell("head")
+    frames: list[pd.DataFrame] = []
+    estimates: list[list[torch.Tensor]] = [[] for _ in range(L)]
+    for layer in reversed(range(L if backward else 0)):
+        block = model.layers[layer]
+        with sc.filled(block, grad=measure.activations):
+            probe = _layer_probe(block, config, run_id) if measure.activations else None
+            if probe is not None:
+                probe.begin_step(step)
+            below = []
+            for b, (ids, _, mask) in enumerate(batches):
+                if probe is not None:
+                    probe.set_exclude_mask(~mask)
+                    probe.set_tokens(ids)
+                x = states[layer][b].detach().requires_grad_()
+                with torch.enable_grad():
+                    block(x, cos, sin).backward(grads[b])
+                estimates[layer].append((grads[b] * (states[layer][b] - states[layer + 1][b]))
+                                        .sum(-1, dtype=torch.float64).sum(-1) * n_targets)
+                below.append(x.grad)
+            if measure.activations:
+                grad_sq += sum(_sq(p.grad) for p in block.parameters())
+            if probe is not None:
+                probe.after_backward(step)
+                probe.end_step(SimpleNamespace(step=step, val_loss=None, tokens=n_targets, sequences=None))
+                frame = probe.frame()
+                frames.append(frame[frame["stat"] != "update_ratio"])
+                probe.close()
+            grads = below
+        tell("reverse sweep")
+    sequences = sum(len(ids) for ids, _, _ in batches)
+    model_rows: dict[str, float] = {"tokens": n_targets, "sequences": sequences} if measure.activations else {}
+    if measure.activations:  # the embedding's gradient: the gradient at layer 0's input, summed per token
+        ids = torch.cat([i.flatten() for i, _, _ in batches])
+        rows = torch.zeros_like(head_rows).index_add_(0, torch.searchsorted(tokens, ids),
+                                                      torch.cat([g.flatten(0, 1) for g in grads]).double())
+        if model.config.tie_embeddings:  # one tensor: its rows at these tokens hold both gradients
+            rows += head_rows
+            grad_sq -= _sq(head_rows)
+        model_rows["grad_norm"] = float((grad_sq + _sq(rows)).sqrt())
+    if not measure.importance:
+        model_rows["val_loss"] = float(sum(x.sum() for x in base)) / n_targets
+    frames.insert(0, pd.DataFrame([{"run_id": run_id, "step": step, "layer": MODEL_LAYER, "site": MODEL_SITE,
+                                    "direction": "none", "stat": k, "value": float(v)}
+                                   for k, v in model_rows.items()]))
+    if measure.importance:
+        sums = ImportanceSums(L, deletion=measure.exact, angular=True, influence=True, estimate=measure.estimate,
+                              skip_first_position=measure.skip_first_position)
+        for b, (_, labels, mask) in enumerate(batches):
+            capture = SimpleNamespace(layers=range(L), states=[s[b] for s in states],
+                                      estimates=[e[b] for e in estimates] if measure.estimate else [])
+            add_pass(sums, capture, labels, mask, base[b], None)  # type: ignore[arg-type]
+            for k, losses in deleted.items():
+                sums.add_deleted(k, losses[b])
+            sums.end_batch()
+        sums.check()
+        result = sums.frames(normalize_rows=True)
+        frames += [to_long(result[k], run_id, step) for k in _FRAMES if k in result]
+    return as_table_frame(pd.concat(frames, ignore_index=True))
