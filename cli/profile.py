@@ -41,6 +41,9 @@ def profile_cmd(
     run_id: Annotated[str | None, Opt("--run-id", help="Put everything given into OUT/RUN_ID (default: one folder "
                                                        "per run, named after it).")] = None,
     latest: Annotated[bool, Opt("--latest", help="Only the latest checkpoint of each run folder.")] = False,
+    stream: Annotated[bool, Opt("--stream", help="For models larger than memory: read one decoder layer's "
+                                                 "weights at a time (safetensors, loaded natively); the same "
+                                                 "rows.")] = False,
     no_importance: Annotated[bool, Opt("--no-importance", help="Skip layer importance.")] = False,
     importance: Annotated[Importance, Opt(help="Deletion importance: exact (re-run the later layers for each "
                                                "deleted one), estimate (first order, from the backward pass: "
@@ -61,9 +64,8 @@ def profile_cmd(
     config = ProfileConfig.of(
         data=data, tokenizer=tokenizer, batches=batches, batch_size=batch_size, seq_len=seq_len, norm=norm,
         post_layers=post_layers, device=device, dtype=dtype.value if dtype else None, backend=backend.value,
-        importance=not no_importance, deletion=importance.value, activations=not no_activations,
-        skip_first_position=skip_first_position,
-        outlier_factor=outlier_factor)
+        stream=stream, importance=not no_importance, deletion=importance.value, activations=not no_activations,
+        skip_first_position=skip_first_position, outlier_factor=outlier_factor)
     written = profile_many(ckpts, out, config, run_id=run_id, latest=latest, overwrite=overwrite, progress="auto")
     for folder in written:
         record = json.loads((folder / PROFILE_FILE).read_text())["checkpoints"]

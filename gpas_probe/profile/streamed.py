@@ -26,7 +26,9 @@ transformers (GGUF, other architectures) and ``pytorch_model.bin`` weights canno
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,16 +39,15 @@ from typing import Any
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from gpas_probe.analysis import to_long
 from gpas_probe.analysis.passes import add_pass, loss_per_sequence
 from gpas_probe.analysis.streaming import ImportanceSums, unpack_batch
 from gpas_probe.checkpoints import read_config, resolve_checkpoint
-from gpas_probe.checkpoints.files import first_line
 from gpas_probe.checkpoints.foreign import config_from_hf
 from gpas_probe.checkpoints.layout import parameter_map
+from gpas_probe.checkpoints.lazy import LazyWeights
 from gpas_probe.checkpoints.native import is_native
 from gpas_probe.checkpoints.steps import checkpoint_step
 from gpas_probe.config import ModelConfig
@@ -58,42 +59,12 @@ from gpas_probe.store.schema import MODEL_LAYER, MODEL_SITE, as_table_frame
 
 log = logging.getLogger(__name__)
 
-SAFE_NAME, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 _FRAMES = ("deletion", "base", "estimate", "block_influence", "angular")
-
-
-class LazyWeights:
-    """A checkpoint's safetensors tensors by key, each read (memory-mapped) only when asked for."""
-
-    def __init__(self, ckpt: Path) -> None:
-        if (ckpt / SAFE_INDEX).is_file():
-            from gpas_probe.jsonfile import read_object
-
-            weight_map = read_object(ckpt / SAFE_INDEX, "a shard index").get("weight_map")
-            if not isinstance(weight_map, dict):
-                raise ValueError(f"{ckpt / SAFE_INDEX}: not a valid shard index (no weight_map)")
-            self.files = {k: ckpt / v for k, v in weight_map.items()}
-        elif (ckpt / SAFE_NAME).is_file():
-            self.files = dict.fromkeys(self._keys(ckpt / SAFE_NAME), ckpt / SAFE_NAME)
-        else:
-            raise ValueError(f"{ckpt}: streaming reads safetensors weights ({SAFE_NAME} or {SAFE_INDEX}); "
-                             f"none here (profile it without --stream)")
-        self.files = {k: f for k, f in self.files.items() if not k.endswith("rotary_emb.inv_freq")}
-
-    @staticmethod
-    def _keys(f: Path) -> list[str]:
-        try:
-            with safe_open(str(f), framework="pt") as handle:
-                return list(handle.keys())
-        except (SafetensorError, OSError) as e:
-            raise ValueError(f"{f}: unreadable weights ({first_line(e)})") from None
-
-    def keys(self) -> list[str]:
-        return list(self.files)
-
-    def get(self, key: str) -> torch.Tensor:
-        with safe_open(str(self.files[key]), framework="pt") as handle:
-            return handle.get_tensor(key)
+try:
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
+    _LIBC and _LIBC.malloc_trim  # noqa: B018 (glibc only)
+except (OSError, AttributeError):
+    _LIBC = None
 
 
 @dataclass
@@ -112,21 +83,25 @@ class StreamedCheckpoint:
 
     @contextmanager
     def filled(self, *modules: nn.Module, grad: bool = False) -> Iterator[None]:
-        """``modules`` (of ``model``) with their weights in memory for the block, empty again after it."""
+        """``modules`` (of ``model``) with their weights in memory for the block (read into one buffer),
+        empty again after it."""
         names = {id(m): n for n, m in self.model.named_modules()}
+        slots = [(sub, name, self.keys[f"{path}.{name}"]) for m in modules
+                 for path, sub in m.named_modules(prefix=names[id(m)])
+                 for name, p in sub.named_parameters(recurse=False)]
+        keys = list(dict.fromkeys(key for _, _, key in slots))  # a tied head shares the embedding's
+        tensors = self.weights.read(keys, self.dtype, self.device)
+        params = {k: nn.Parameter(t, requires_grad=grad) for k, t in zip(keys, tensors, strict=True)}
+        originals = [(sub, name, sub._parameters[name]) for sub, name, _ in slots]
         try:
-            for m in modules:
-                m.to_empty(device=self.device)
-                for name, p in m.named_parameters(prefix=names[id(m)]):
-                    with torch.no_grad():
-                        p.copy_(self.weights.get(self.keys[name]))
-                    p.requires_grad_(grad)
-            if self.model.config.tie_embeddings and any(m is self.model.lm_head for m in modules):
-                self.model.lm_head.weight = self.model.embed_tokens.weight
+            for sub, name, key in slots:
+                sub._parameters[name] = params[key]
+            del tensors, params
             yield
         finally:
-            for m in modules:
-                m.to("meta")
+            for sub, name, meta in originals:
+                sub._parameters[name] = meta
+            _trim()
 
 
 def open_streamed(path: str | Path, *, backend: str = "auto", norm: str | None = None,
@@ -147,7 +122,7 @@ def open_streamed(path: str | Path, *, backend: str = "auto", norm: str | None =
             raise ValueError(f"{ckpt}: {e} (streaming profiles natively loadable checkpoints only)") from None
     with torch.device("meta"):
         model = build_model(config)
-    stored = weights.get("model.embed_tokens.weight").dtype if dtype is None else dtype
+    stored = weights.dtype("model.embed_tokens.weight") if dtype is None else dtype
     model = model.to(dtype=stored).eval()
     if config.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
@@ -161,8 +136,32 @@ def open_streamed(path: str | Path, *, backend: str = "auto", norm: str | None =
                               torch.device(device or "cpu"))
 
 
+def _trim() -> None:
+    """Give the heap's freed memory back to the system (glibc), so that reading one layer after another
+    does not make the process grow with every layer (elsewhere a no-op)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
 def _sq(t: torch.Tensor | None) -> torch.Tensor:
-    return torch.zeros((), dtype=torch.float64) if t is None else t.double().square().sum()
+    """The squared norm in float64, a block of rows at a time (no float64 copy of a whole head)."""
+    if t is None:
+        return torch.zeros((), dtype=torch.float64)
+    return sum((part.double().square().sum() for part in t.reshape(-1).split(1 << 20)),
+               torch.zeros((), dtype=torch.float64, device=t.device))
+
+
+def _head_gradient(head: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, labels: torch.Tensor,
+                   n_targets: int) -> torch.Tensor:
+    """The gradient of the summed loss over ``n_targets`` at the last layer's output ``h`` (the head's
+    parameters get theirs); nothing of the pass outlives the call."""
+    x = h.detach().requires_grad_()
+    logits = head(x)
+    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    loss = F.cross_entropy(wide.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+    (loss / n_targets).backward()
+    assert x.grad is not None
+    return x.grad
 
 
 def _layer_probe(block: nn.Module, config: ProfileConfig, run_id: str) -> Probe:
@@ -211,17 +210,15 @@ def profile_streamed(sc: StreamedCheckpoint, data: EvalData, config: ProfileConf
         for b, (_, labels, _) in enumerate(batches):
             if not backward:
                 break
-            x = states[L][b].detach().requires_grad_()
-            logits = head(x)
-            wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
-            loss = F.cross_entropy(wide.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-            (loss / n_targets).backward()
-            grads.append(x.grad)
+            grads.append(_head_gradient(head, states[L][b], labels, n_targets))
         head_grad = model.lm_head.weight.grad
         if head_grad is not None:  # the head's (and a tied embedding's) gradient rows at the input tokens
             tokens = torch.unique(torch.cat([ids.flatten() for ids, _, _ in batches]))
             head_rows = head_grad[tokens].double()
             grad_sq += _sq(head_grad) + _sq(model.norm.weight.grad)
+            del head_grad
+        for m in head_modules:
+            m.zero_grad(set_to_none=True)
     tell("head")
     frames: list[pd.DataFrame] = []
     estimates: list[list[torch.Tensor]] = [[] for _ in range(L)]
@@ -250,6 +247,8 @@ def profile_streamed(sc: StreamedCheckpoint, data: EvalData, config: ProfileConf
                 frame = probe.frame()
                 frames.append(frame[frame["stat"] != "update_ratio"])
                 probe.close()
+                probe = None  # it holds the layer's parameters
+            block.zero_grad(set_to_none=True)
             grads = below
         tell("reverse sweep")
     sequences = sum(len(ids) for ids, _, _ in batches)

@@ -91,3 +91,16 @@ def test_unknown_importance_mode_is_one_line(profiled, tmp_path):
     run, _ = profiled
     res = runner.invoke(app, ["profile", str(run), "--out", str(tmp_path), "--importance", "approx"])
     assert res.exit_code == 2 and "approx" in res.output and "Traceback" not in res.output
+
+
+def test_stream_gives_the_rows_of_the_in_memory_profile(profiled, tmp_path):
+    run, prof = profiled
+    res = runner.invoke(app, ["profile", str(run), "--out", str(tmp_path), "--batches", "2", "--batch-size", "2",
+                              "--seq-len", "32", "--stream"])
+    assert res.exit_code == 0, res.output
+    key = ["step", "layer", "site", "direction", "stat"]
+    a, b = load_run(prof).set_index(key)["value"], load_run(tmp_path / "run").set_index(key)["value"]
+    assert set(a.index) == set(b.index)
+    assert ((a - b.reindex(a.index)).abs() <= 2e-5 * a.abs() + 1e-7).all()
+    refused = runner.invoke(app, ["profile", str(run), "--out", str(tmp_path / "x"), "--stream", "--backend", "hf"])
+    assert refused.exit_code == 2 and refused.output.startswith("error: streaming profiles natively loaded")
