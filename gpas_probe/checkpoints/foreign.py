@@ -146,7 +146,7 @@ def load_foreign(ckpt_dir: str | Path, cfg: dict[str, Any] | None = None, norm: 
         config = config_from_hf(cfg, state.keys(), norm, post_layers)
     except ValueError as e:
         raise ValueError(f"{ckpt}: {e}") from None
-    model = empty_model(config, dtype or stored_dtype(state), torch.device(device or "cpu"))
+    model = empty_model(config, dtype or stored_dtype(state), "meta")
 
     params = parameter_map(model)
     ignored = {"lm_head.weight"} if config.tie_embeddings else set()
@@ -157,4 +157,4 @@ def load_foreign(ckpt_dir: str | Path, cfg: dict[str, Any] | None = None, norm: 
     assign_weights(model, state, str(ckpt))
     log.info("loaded %s: %s, norm=%s%s, %d layers", ckpt, architecture(cfg), config.norm,
              " + GPAS" if config.gpas else "", config.num_layers)
-    return model.eval()
+    return model.to(device=device or "cpu").eval()

@@ -90,8 +90,17 @@ def hf_config(config: ModelConfig, step: int | None = None) -> dict[str, Any]:
 @torch.no_grad()
 def assign_weights(model: Transformer, state: dict[str, torch.Tensor], where: str = "") -> None:
     """Copy HF-keyed tensors into ``model``; every expected key must be present with its shape, and
-    no other weight may be left over (only rotary ``inv_freq`` buffers and a tied ``lm_head`` are skipped)."""
+    no other weight may be left over (only rotary ``inv_freq`` buffers and a tied ``lm_head`` are skipped).
+
+    A parameter still on the meta device (a model built by
+    :func:`~gpas_probe.checkpoints.native.empty_model` with ``device="meta"``) takes the tensor itself
+    (cast to its dtype) instead of a copy, so loading holds the weights once, not twice."""
     params = parameter_map(model)
+    owners: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                owners.setdefault(id(p), []).append((module, name))
     missing = sorted(set(params) - set(state))
     if missing:
         raise ValueError(f"{where}: missing weights, e.g. {missing[:3]} ({len(missing)} in all)")
@@ -106,4 +115,9 @@ def assign_weights(model: Transformer, state: dict[str, torch.Tensor], where: st
             t = t.reshape(p.shape)
         if t.shape != p.shape:
             raise ValueError(f"{where}: {key} has shape {tuple(t.shape)}, the config implies {tuple(p.shape)}")
-        p.copy_(t)
+        if p.is_meta:
+            adopted = nn.Parameter(t.to(p.dtype), requires_grad=p.requires_grad)
+            for module, name in owners[id(p)]:  # a tied head shares the embedding's
+                module._parameters[name] = adopted
+        else:
+            p.copy_(t)

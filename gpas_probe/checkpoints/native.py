@@ -74,10 +74,15 @@ def save_checkpoint(model: Transformer, path: str | Path, step: int | None = Non
 def empty_model(config: ModelConfig, dtype: torch.dtype | None = None,
                 device: str | torch.device = "cpu") -> Transformer:
     """A model of ``config`` with uninitialised weights (built on the meta device: no memory, no random
-    init), to be filled by :func:`~gpas_probe.checkpoints.layout.assign_weights`."""
+    init), to be filled by :func:`~gpas_probe.checkpoints.layout.assign_weights`. With ``device="meta"``
+    the weights stay unallocated and filling adopts the loaded tensors (only the rotary tables are made)."""
     with torch.device("meta"):
         model = build_model(config)
-    model = model.to(dtype=dtype).to_empty(device=device)
+    model = model.to(dtype=dtype)
+    if torch.device(device).type == "meta":
+        model.rotary.to_empty(device="cpu")
+    else:
+        model = model.to_empty(device=device)
     if config.tie_embeddings:  # conversions replace parameters one module at a time: tie again
         model.lm_head.weight = model.embed_tokens.weight
     return model
@@ -89,6 +94,6 @@ def load_native(ckpt: Path, cfg: dict[str, Any], norm: str | None = None, dtype:
     config = ModelConfig.from_dict(cfg["gpas_probe"]["model_config"])
     if norm is not None and str(norm) != config.norm.value:
         raise ValueError(f"{ckpt}: this checkpoint was trained as {config.norm.value!r}, not {str(norm)!r}")
-    model = empty_model(config)
+    model = empty_model(config, device="meta")
     assign_weights(model, read_weights(ckpt), str(ckpt))
     return model.to(device=device, dtype=dtype).eval()
