@@ -36,18 +36,12 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from _machine import torch_machine, torch_setup
+from _shape import add_shape_options, shape_config
 
 from gpas_probe.analysis.importance import naive_deletion_importance
-from gpas_probe.config import ModelConfig
 from gpas_probe.evaldata import EvalData
 from gpas_probe.model import build_model
 from gpas_probe.profile import ProfileConfig, profile_model
-
-
-def _model_config(a: argparse.Namespace) -> ModelConfig:
-    return ModelConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.ffn, num_heads=a.heads,
-                       num_kv_heads=a.kv_heads, num_layers=a.layers, max_seq_len=max(256, a.seq_len),
-                       tie_embeddings=True)
 
 
 def _hf_copy(model: torch.nn.Module) -> torch.nn.Module:
@@ -76,15 +70,7 @@ def layer_flops(a: argparse.Namespace) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=30)
-    parser.add_argument("--hidden", type=int, default=576)
-    parser.add_argument("--heads", type=int, default=9)
-    parser.add_argument("--kv-heads", type=int, default=3)
-    parser.add_argument("--ffn", type=int, default=1536)
-    parser.add_argument("--vocab", type=int, default=49152)
-    parser.add_argument("--batches", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=128)
+    add_shape_options(parser)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0)
     parser.add_argument("--backend", choices=["native", "hf"], default="native")
@@ -92,7 +78,7 @@ def main() -> None:
     a = parser.parse_args()
     device = torch_setup(a.threads, "cpu")
     torch.manual_seed(0)
-    model = build_model(_model_config(a)).eval()
+    model = build_model(shape_config(a)).eval()
     if a.backend == "hf":
         model = _hf_copy(model)
     tokens = np.random.default_rng(0).integers(0, a.vocab, a.batches * a.batch_size * a.seq_len + 1)

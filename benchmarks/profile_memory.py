@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from _machine import describe
+from _shape import add_shape_options, shape_config
 from safetensors.torch import save_file
 
 from gpas_probe.checkpoints.layout import hf_config, parameter_map
@@ -83,16 +84,8 @@ print(json.dumps({{"base_kb": base, "peak_kb": hwm(),
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default=None, help="a model preset (default: the shape options below)")
-    parser.add_argument("--layers", type=int, default=30)
-    parser.add_argument("--hidden", type=int, default=576)
-    parser.add_argument("--heads", type=int, default=9)
-    parser.add_argument("--kv-heads", type=int, default=3)
-    parser.add_argument("--ffn", type=int, default=1536)
-    parser.add_argument("--vocab", type=int, default=49152)
+    add_shape_options(parser)
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
-    parser.add_argument("--batches", type=int, default=1)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--modes", default="in memory,streamed", help="comma-separated: in memory, streamed")
     parser.add_argument("--no-activations", action="store_true", help="importance only (no gradients)")
@@ -100,9 +93,7 @@ def main() -> None:
     if a.preset:
         config = ModelConfig.from_preset(a.preset)
     else:
-        config = ModelConfig(vocab_size=a.vocab, hidden_size=a.hidden, intermediate_size=a.ffn, num_heads=a.heads,
-                             num_kv_heads=a.kv_heads, num_layers=a.layers, max_seq_len=max(256, a.seq_len),
-                             tie_embeddings=True)
+        config = shape_config(a)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "ckpt"
         ckpt.mkdir()

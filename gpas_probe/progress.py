@@ -28,6 +28,17 @@ def _clock(seconds: float) -> str:
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+def _resolve(mode: str, console: Console | None) -> tuple[Console, str]:
+    """The console to draw on (stderr by default) and the mode, ``auto`` resolved: a bar in a terminal or
+    a notebook, else lines."""
+    if mode not in MODES:
+        raise ValueError(f"unknown progress mode {mode!r}; choose one of {', '.join(MODES)}")
+    console = console or Console(stderr=True)
+    if mode == "auto":
+        mode = "bar" if console.is_terminal or console.is_jupyter else "lines"
+    return console, mode
+
+
 def bar_columns(fields: str = "") -> list[Any]:
     """The columns of every bar the project draws: label, bar, n/total, ``fields``, elapsed, eta."""
     columns: list[Any] = [TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn()]
@@ -43,11 +54,7 @@ class ProgressReport:
 
     def __init__(self, label: str, total: int, *, start: int = 0, mode: str = "auto", every_s: float = 30.0,
                  console: Console | None = None) -> None:
-        if mode not in MODES:
-            raise ValueError(f"unknown progress mode {mode!r}; choose one of {', '.join(MODES)}")
-        self.console = console or Console(stderr=True)
-        if mode == "auto":
-            mode = "bar" if self.console.is_terminal or self.console.is_jupyter else "lines"
+        self.console, mode = _resolve(mode, console)
         self.label, self.total, self.start, self.mode, self.every_s = label, total, start, mode, every_s
         self._bar: Progress | None = None
         self._task: Any = None
@@ -97,11 +104,7 @@ class PhaseReport:
 
     def __init__(self, label: str, *, mode: str = "auto", every_s: float = 10.0, quiet_s: float = 1.0,
                  unit: str = "batch", console: Console | None = None, timer: bool = True) -> None:
-        if mode not in MODES:
-            raise ValueError(f"unknown progress mode {mode!r}; choose one of {', '.join(MODES)}")
-        self.console = console or Console(stderr=True)
-        if mode == "auto":
-            mode = "bar" if self.console.is_terminal or self.console.is_jupyter else "lines"
+        self.console, mode = _resolve(mode, console)
         self.label, self.mode, self.every_s, self.quiet_s, self.unit = label, mode, every_s, quiet_s, unit
         self.text, self.completed, self.total = "starting", 0, 0
         self._t0 = time.monotonic()
