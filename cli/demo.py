@@ -3,6 +3,7 @@ version) on the built-in corpus, probes on, every figure for both runs side by s
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -27,6 +28,7 @@ def demo_cmd(
     seed: Annotated[int, Opt(help="Seed shared by both runs (same init of shared weights, same batches).")] = 0,
     probe_every: Annotated[int, Opt(help="Record probes every N steps.")] = 25,
     overwrite: Annotated[bool, Opt("--overwrite", help="Replace an earlier demo in --out.")] = False,
+    threads: Annotated[int, Opt(help="CPU threads (0: chosen for the model and the cores free now).")] = 0,
     verbose: Annotated[bool, Opt("--verbose", "-v")] = False,
 ) -> None:
     """Train a scheme with and without GPAS, record probes, draw every figure, compare."""
@@ -36,7 +38,8 @@ def demo_cmd(
     folders = []
     for run in runs:
         folder = out / run.folder
-        train(run.model, run.train, folder, probe=demo_probe_config(probe_every), label=run.label)
+        train(run.model, replace(run.train, threads=threads), folder, probe=demo_probe_config(probe_every),
+              label=run.label)
         folders.append(folder)
     data = load_runs(folders)
     figures = render_figures(data, out / "figures")

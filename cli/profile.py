@@ -38,6 +38,7 @@ def profile_cmd(
     post_layers: Annotated[int | None, Opt(help="Mix-LN: number of leading post-norm layers.")] = None,
     device: Annotated[str, Opt(help="auto, cpu, cuda, cuda:N.")] = "auto",
     dtype: Annotated[DType | None, Opt(help="Cast the weights (default: as stored).")] = None,
+    threads: Annotated[int, Opt(help="CPU threads (0: chosen for the model and the cores free now).")] = 0,
     run_id: Annotated[str | None, Opt("--run-id", help="Put everything given into OUT/RUN_ID (default: one folder "
                                                        "per run, named after it).")] = None,
     latest: Annotated[bool, Opt("--latest", help="Only the latest checkpoint of each run folder.")] = False,
@@ -64,8 +65,8 @@ def profile_cmd(
     config = ProfileConfig.of(
         data=data, tokenizer=tokenizer, batches=batches, batch_size=batch_size, seq_len=seq_len, norm=norm,
         post_layers=post_layers, device=device, dtype=dtype.value if dtype else None, backend=backend.value,
-        stream=stream, importance=not no_importance, deletion=importance.value, activations=not no_activations,
-        skip_first_position=skip_first_position, outlier_factor=outlier_factor)
+        stream=stream, threads=threads, importance=not no_importance, deletion=importance.value,
+        activations=not no_activations, skip_first_position=skip_first_position, outlier_factor=outlier_factor)
     written = profile_many(ckpts, out, config, run_id=run_id, latest=latest, overwrite=overwrite, progress="auto")
     for folder in written:
         record = json.loads((folder / PROFILE_FILE).read_text())["checkpoints"]

@@ -51,6 +51,8 @@ def train_cmd(
                       ] = "auto",
     dist: Annotated[str, Opt(help="Under torchrun: ddp, or fsdp (FSDP2); --batch-size is per process.")] = "none",
     compile: Annotated[bool, Opt("--compile", help="torch.compile the model.")] = False,
+    threads: Annotated[int | None, Opt(help="CPU threads (default 0: chosen for the model and the cores free "
+                                            "now; see the README's performance section).")] = None,
     resume: Annotated[bool, Opt("--resume", help="Continue the run in --out from its latest checkpoint, with its own "
                                                  "settings (options given here may change steps, evaluation, "
                                                  "checkpoints, device and probes).")] = False,
@@ -67,7 +69,7 @@ def train_cmd(
     setup_logging(verbose)
     training = dict(steps=steps, lr=lr, warmup=warmup, batch_size=batch_size, seq_len=seq_len, seed=seed, data=data,
                     checkpoint_every=checkpoint_every, autosave=autosave, eval_every=eval_every, grad_clip=grad_clip,
-                    gate_clip=clip_gate_grad, device=device, compile=compile or None)
+                    gate_clip=clip_gate_grad, device=device, compile=compile or None, threads=threads)
     options = TrainOptions(preset=preset, norm=norm, gpas=gpas, gate=gate, naive=naive, fixed_gate=fixed_gate,
                            post_layers=post_layers, train=training, probe_every=probe_every,
                            probe_schedule=probe_schedule, probe_stats=probe_stats, out=out)

@@ -198,9 +198,12 @@ class TrainConfig:
     data: str = "builtin"  # "builtin", a text file, a .npy/.bin token file
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     compile: bool = False
+    threads: int = 0  # CPU intra-op threads; 0 = chosen for the model and the free cores (gpas_probe.threads)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
+        if self.threads < 0:
+            raise ValueError(f"threads must be 0 (choose) or positive, got {self.threads}")
         for name in ("steps", "batch_size", "seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -20,7 +20,7 @@ E = TypeVar("E", bound=Enum)
 
 #: TrainConfig fields ``gpas-probe train`` takes as options (None: the preset's value).
 TRAIN_FIELDS = ("steps", "lr", "warmup", "batch_size", "seq_len", "seed", "data", "checkpoint_every", "autosave",
-                "eval_every", "grad_clip", "gate_clip", "device", "compile")
+                "eval_every", "grad_clip", "gate_clip", "device", "compile", "threads")
 
 
 def parse_choice(value: str | E, enum: type[E], what: str) -> E:

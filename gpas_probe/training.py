@@ -46,6 +46,7 @@ from gpas_probe.runs import (
     run_meta,
     tidy_resumed,
 )
+from gpas_probe.threads import use_threads
 
 __all__ = ["StepInfo", "StepObserver", "TrainResult", "evaluate", "lr_factor", "make_optimizer", "train"]
 
@@ -108,6 +109,7 @@ def _train(ctx: DistContext, model_config: ModelConfig, cfg: TrainConfig, run_di
         return batches, batches.val(cfg.eval_batches, ctx.rank, ctx.world)
 
     batches, val_batches = ctx.agree(load_data)
+    use_threads(cfg.threads, hidden_size=model_config.hidden_size, device=ctx.device)
     torch.manual_seed(cfg.seed)
     model = build_model(model_config).to(ctx.device)
     meta = run_meta(model_config, cfg, {**meta, "world_size": ctx.world,

@@ -26,6 +26,13 @@ def _one_thread():
 
 
 @pytest.fixture(autouse=True)
+def _back_to_one_thread():
+    """A test whose training or profile chose more threads (gpas_probe.threads) leaves one behind."""
+    yield
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
 def _close_and_check_rc():
     """Every test closes its figures, and nothing in the library changes matplotlib's global style."""
     before = dict(matplotlib.rcParams)

@@ -39,7 +39,8 @@ class LoadSpec:
     """How checkpoints load (:func:`gpas_probe.checkpoints.load`): ``backend`` (``auto``, ``native``,
     ``hf``), ``norm``/``post_layers`` where the weights cannot tell the scheme, ``dtype`` (default: as
     stored) and ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``). ``stream``: one decoder layer's
-    weights in memory at a time (:mod:`gpas_probe.profile.streamed`), for models larger than memory."""
+    weights in memory at a time (:mod:`gpas_probe.profile.streamed`), for models larger than memory;
+    ``threads``: CPU intra-op threads, 0 = chosen for the model and the free cores (:mod:`gpas_probe.threads`)."""
 
     backend: str = "auto"
     norm: str | None = None
@@ -47,10 +48,13 @@ class LoadSpec:
     dtype: torch.dtype | str | None = None
     device: str | torch.device = "auto"
     stream: bool = False
+    threads: int = 0
 
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
+        if self.threads < 0:
+            raise ValueError(f"threads must be 0 (choose) or positive, got {self.threads}")
         if self.stream and self.backend == "hf":
             raise ValueError("streaming profiles natively loaded checkpoints only, not with the hf backend")
 

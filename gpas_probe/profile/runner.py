@@ -33,6 +33,7 @@ from gpas_probe.profile.streamed import open_streamed, profile_streamed
 from gpas_probe.progress import PhaseReport
 from gpas_probe.store import PROBES_DIR, ProbeWriter
 from gpas_probe.store.schema import MODEL_LAYER
+from gpas_probe.threads import use_threads
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +121,8 @@ def _profile_groups(groups: dict[str, list[Path]], out: Path, config: ProfileCon
     dtype, device = resolve_dtype(loading.dtype), resolve_device(loading.device)
     source = _Data(config.evaluation)
     name, first = next((name, ckpts[0]) for name, ckpts in groups.items())
+    hidden = read_config(first).get("hidden_size")
+    use_threads(loading.threads, hidden_size=hidden if isinstance(hidden, int) else None, device=device)
     callback(ProfileProgress(name, first, None, "data", 0, 0))
     ev, measure = config.evaluation, config.measure
     per_ckpt = source.get(first).num_batches(*ev.sizes)  # one pass over the batches
