@@ -109,7 +109,6 @@ def _train(ctx: DistContext, model_config: ModelConfig, cfg: TrainConfig, run_di
         return batches, batches.val(cfg.eval_batches, ctx.rank, ctx.world)
 
     batches, val_batches = ctx.agree(load_data)
-    use_threads(cfg.threads, hidden_size=model_config.hidden_size, device=ctx.device)
     torch.manual_seed(cfg.seed)
     model = build_model(model_config).to(ctx.device)
     meta = run_meta(model_config, cfg, {**meta, "world_size": ctx.world,
@@ -156,10 +155,11 @@ def _run(ctx: DistContext, model: Transformer, fwd: nn.Module, optimizer: torch.
     session = None
     if probe is not None:
         session = Probe(model, run_dir, config=probe, meta=probe_meta, driver=Driver.for_training(ctx))
+    threads = use_threads(cfg.threads, device=ctx.device)
     report = None
     if ctx.is_main and progress != "off":
         report = ProgressReport(label or "train", cfg.steps, start=start, mode=progress)
-    callbacks = [c for c in (report, callback) if c is not None]
+    callbacks = [c for c in (report, callback, threads.check) if c is not None]
     loop = Loop(model, fwd, optimizer, cfg, batches, val_batches, ctx, run_dir,
                  [*observers, session] if session else list(observers), session, callbacks)
     try:

@@ -121,8 +121,13 @@ def _profile_groups(groups: dict[str, list[Path]], out: Path, config: ProfileCon
     dtype, device = resolve_dtype(loading.dtype), resolve_device(loading.device)
     source = _Data(config.evaluation)
     name, first = next((name, ckpts[0]) for name, ckpts in groups.items())
-    hidden = read_config(first).get("hidden_size")
-    use_threads(loading.threads, hidden_size=hidden if isinstance(hidden, int) else None, device=device)
+    threads = use_threads(loading.threads, device=device)
+    told = callback
+
+    def callback(p: ProfileProgress) -> None:
+        threads.check()  # the free cores, followed at batch boundaries
+        told(p)
+
     callback(ProfileProgress(name, first, None, "data", 0, 0))
     ev, measure = config.evaluation, config.measure
     per_ckpt = source.get(first).num_batches(*ev.sizes)  # one pass over the batches
