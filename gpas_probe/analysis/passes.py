@@ -102,6 +102,11 @@ class LayerCapture:
         return x
 
 
+def _wide(logits: torch.Tensor) -> torch.Tensor:
+    """Logits in at least float32 for the loss (float64 models stay float64)."""
+    return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+
 def loss_per_sequence(head: Head, h: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy of each sequence (B,) of ``head`` applied to states ``h``, computed only at
     positions with a target (the head acts per position)."""
@@ -109,17 +114,20 @@ def loss_per_sequence(head: Head, h: torch.Tensor, labels: torch.Tensor) -> torc
     rows = keep.nonzero()[:, 0]
     out = torch.zeros(len(labels), dtype=torch.float64, device=h.device)
     if len(rows):
-        logits = head(h[keep])
-        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 models stay float64
-        out.index_add_(0, rows, F.cross_entropy(logits, labels[keep], reduction="none").double())
+        out.index_add_(0, rows, F.cross_entropy(_wide(head(h[keep])), labels[keep], reduction="none").double())
     return out
 
 
 def sequence_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Summed cross-entropy of each sequence, (B,), from a model's full logits (B, T, vocab)."""
-    out = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 models stay float64
-    ce = F.cross_entropy(out.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
+    ce = F.cross_entropy(_wide(logits).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="none")
     return ce.double().reshape(labels.shape).sum(-1)
+
+
+def summed_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The cross-entropy summed over every position with a target, differentiable (a scalar)."""
+    return F.cross_entropy(_wide(logits).flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")
 
 
 def deleted_losses(capture: LayerCapture, head: Head, labels: torch.Tensor) -> list[torch.Tensor]:

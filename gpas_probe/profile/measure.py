@@ -19,14 +19,12 @@ from typing import Any
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from gpas_probe.analysis import to_long
-from gpas_probe.analysis.passes import LayerCapture
+from gpas_probe.analysis.passes import LayerCapture, summed_loss
 from gpas_probe.analysis.streaming import ImportanceSums, unpack_batch
 from gpas_probe.evaldata import EvalData
-from gpas_probe.model import IGNORE_INDEX
 from gpas_probe.model.adapter import hidden_in, with_hidden
 from gpas_probe.probes import FAMILIES, Driver, Probe, ProbeConfig
 from gpas_probe.profile.config import ProfileConfig
@@ -39,11 +37,28 @@ log = logging.getLogger(__name__)
 _FRAMES = ("deletion", "base", "estimate", "block_influence", "angular")
 
 
-def _probe(model: nn.Module, config: ProfileConfig, run_id: str) -> Probe:
+def profile_probe(model: nn.Module, config: ProfileConfig, run_id: str,
+                  stats: tuple[str, ...] = FAMILIES) -> Probe:
+    """The probe a profile arms on ``model``: ``stats`` pooled over every batch as one step, with intervals."""
     measure = config.measure
-    probes = ProbeConfig(every=1, stats=FAMILIES, intervals=True, skip_first_position=measure.skip_first_position,
+    probes = ProbeConfig(every=1, stats=stats, intervals=True, skip_first_position=measure.skip_first_position,
                          outlier_factor=measure.outlier_factor)
     return Probe(model, config=probes, schedule=lambda s: True, run_id=run_id, driver=Driver.for_profile())
+
+
+def importance_sums(config: ProfileConfig, num_layers: int) -> ImportanceSums:
+    """The importance sums of a profile of ``num_layers`` layers: deletion as measured, angular distance and
+    block influence."""
+    m = config.measure
+    return ImportanceSums(num_layers, deletion=m.exact, angular=True, influence=True, estimate=m.estimate,
+                          skip_first_position=m.skip_first_position)
+
+
+def importance_rows(sums: ImportanceSums, run_id: str, step: int) -> list[pd.DataFrame]:
+    """The long-table rows of the importance ``sums`` of every batch."""
+    sums.check()
+    result = sums.frames(normalize_rows=True)
+    return [to_long(result[k], run_id, step) for k in _FRAMES if k in result]
 
 
 @contextmanager
@@ -76,17 +91,14 @@ def _one_pass(target: Target, data: EvalData, config: ProfileConfig, step: int, 
     n_targets, sequences = data.num_targets(*sizes), 0
     device = next(model.parameters()).device
     backward = measure.activations or measure.estimate
-    sums = None
-    if measure.importance:
-        sums = ImportanceSums(len(target.layers()), deletion=measure.exact, angular=True, influence=True,
-                              estimate=measure.estimate, skip_first_position=measure.skip_first_position)
+    sums = importance_sums(config, len(target.layers())) if measure.importance else None
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)
     layers = target.layers()
     model.zero_grad(set_to_none=True)
     with ExitStack() as stack:
         if backward and not measure.activations:  # the estimate alone: activation gradients only
             stack.enter_context(_activation_gradients_only(model, layers[0]))
-        probe = stack.enter_context(_probe(model, config, run_id)) if measure.activations else None
+        probe = stack.enter_context(profile_probe(model, config, run_id)) if measure.activations else None
         if probe is not None:
             probe.begin_step(step)
         for batch in data.batches(*sizes):
@@ -98,15 +110,14 @@ def _one_pass(target: Target, data: EvalData, config: ProfileConfig, step: int, 
             capture = LayerCapture(layers, estimate=measure.estimate, scale=n_targets) if sums else None
             with capture or nullcontext(), torch.enable_grad() if backward else torch.no_grad():
                 logits = target.logits(input_ids)
-                wide = logits.to(torch.promote_types(logits.dtype, torch.float32))  # float64 stays float64
-                loss = F.cross_entropy(wide.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
+                loss = summed_loss(logits, labels)
                 if backward:
                     (loss / n_targets).backward()
             loss_sum += loss.detach().double()
             if sums is not None and capture is not None:
                 target.add_pass(capture, input_ids, labels, mask, logits.detach(), sums)
                 sums.end_batch()
-            del logits, wide, loss, capture
+            del logits, loss, capture
             if on_batch is not None:
                 on_batch()
         frames = []
@@ -119,9 +130,7 @@ def _one_pass(target: Target, data: EvalData, config: ProfileConfig, step: int, 
             frames.append(frame[frame["stat"] != "update_ratio"])
     model.zero_grad(set_to_none=True)
     if sums is not None:
-        sums.check()
-        result = sums.frames(normalize_rows=True)
-        frames += [to_long(result[k], run_id, step) for k in _FRAMES if k in result]
+        frames += importance_rows(sums, run_id, step)
     return frames
 
 

@@ -38,12 +38,11 @@ from typing import Any
 
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from gpas_probe.analysis import to_long
-from gpas_probe.analysis.passes import add_pass, loss_per_sequence
-from gpas_probe.analysis.streaming import ImportanceSums, unpack_batch
+from gpas_probe.analysis.importance import head_of
+from gpas_probe.analysis.passes import Head, add_pass, loss_per_sequence, summed_loss
+from gpas_probe.analysis.streaming import unpack_batch
 from gpas_probe.checkpoints import read_config, resolve_checkpoint
 from gpas_probe.checkpoints.foreign import config_from_hf
 from gpas_probe.checkpoints.layout import parameter_map
@@ -52,14 +51,14 @@ from gpas_probe.checkpoints.native import is_native
 from gpas_probe.checkpoints.steps import checkpoint_step
 from gpas_probe.config import ModelConfig
 from gpas_probe.evaldata import EvalData
-from gpas_probe.model import IGNORE_INDEX, Transformer, build_model
-from gpas_probe.probes import FAMILIES, Driver, Probe, ProbeConfig
+from gpas_probe.model import Transformer, build_model
+from gpas_probe.probes import FAMILIES
 from gpas_probe.profile.config import ProfileConfig
+from gpas_probe.profile.measure import importance_rows, importance_sums, profile_probe
 from gpas_probe.store.schema import MODEL_LAYER, MODEL_SITE, as_table_frame
 
 log = logging.getLogger(__name__)
 
-_FRAMES = ("deletion", "base", "estimate", "block_influence", "angular")
 try:
     _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
     _LIBC and _LIBC.malloc_trim  # noqa: B018 (glibc only)
@@ -151,25 +150,13 @@ def _sq(t: torch.Tensor | None) -> torch.Tensor:
                torch.zeros((), dtype=torch.float64, device=t.device))
 
 
-def _head_gradient(head: Callable[[torch.Tensor], torch.Tensor], h: torch.Tensor, labels: torch.Tensor,
-                   n_targets: int) -> torch.Tensor:
+def _head_gradient(head: Head, h: torch.Tensor, labels: torch.Tensor, n_targets: int) -> torch.Tensor:
     """The gradient of the summed loss over ``n_targets`` at the last layer's output ``h`` (the head's
     parameters get theirs); nothing of the pass outlives the call."""
     x = h.detach().requires_grad_()
-    logits = head(x)
-    wide = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    loss = F.cross_entropy(wide.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX, reduction="sum")
-    (loss / n_targets).backward()
+    (summed_loss(head(x), labels) / n_targets).backward()
     assert x.grad is not None
     return x.grad
-
-
-def _layer_probe(block: nn.Module, config: ProfileConfig, run_id: str) -> Probe:
-    m = config.measure
-    probes = ProbeConfig(every=1, stats=tuple(s for s in FAMILIES if s != "model"), intervals=True,
-                         skip_first_position=m.skip_first_position, outlier_factor=m.outlier_factor)
-    return Probe(nn.ModuleList([block]), config=probes, schedule=lambda s: True, run_id=run_id,
-                 driver=Driver.for_profile())
 
 
 def profile_streamed(sc: StreamedCheckpoint, data: EvalData, config: ProfileConfig, *, step: int = 0,
@@ -198,19 +185,15 @@ def profile_streamed(sc: StreamedCheckpoint, data: EvalData, config: ProfileConf
         model.norm, model.lm_head)
     grads: list[torch.Tensor] = []
     grad_sq = torch.zeros((), dtype=torch.float64, device=sc.device)  # the global gradient norm's square
+    head = head_of(model)
     with sc.filled(*head_modules, grad=measure.activations):
-        def head(h: torch.Tensor) -> torch.Tensor:
-            return model.lm_head(model.norm(h))
-
         with torch.no_grad():
             base = [loss_per_sequence(head, states[L][b], labels) for b, (_, labels, _) in enumerate(batches)]
             deleted = {k: [loss_per_sequence(head, s[b], batches[b][1]) for b in range(len(batches))]
                        for k, s in streams.items()}
         streams.clear()
-        for b, (_, labels, _) in enumerate(batches):
-            if not backward:
-                break
-            grads.append(_head_gradient(head, states[L][b], labels, n_targets))
+        if backward:
+            grads = [_head_gradient(head, states[L][b], labels, n_targets) for b, (_, labels, _) in enumerate(batches)]
         head_grad = model.lm_head.weight.grad
         if head_grad is not None:  # the head's (and a tied embedding's) gradient rows at the input tokens
             tokens = torch.unique(torch.cat([ids.flatten() for ids, _, _ in batches]))
@@ -225,7 +208,9 @@ def profile_streamed(sc: StreamedCheckpoint, data: EvalData, config: ProfileConf
     for layer in reversed(range(L if backward else 0)):
         block = model.layers[layer]
         with sc.filled(block, grad=measure.activations):
-            probe = _layer_probe(block, config, run_id) if measure.activations else None
+            # a probe on this layer alone; the model-level rows are made below
+            stats = tuple(s for s in FAMILIES if s != "model")
+            probe = profile_probe(nn.ModuleList([block]), config, run_id, stats) if measure.activations else None
             if probe is not None:
                 probe.begin_step(step)
             below = []
@@ -267,8 +252,7 @@ def profile_streamed(sc: StreamedCheckpoint, data: EvalData, config: ProfileConf
                                     "direction": "none", "stat": k, "value": float(v)}
                                    for k, v in model_rows.items()]))
     if measure.importance:
-        sums = ImportanceSums(L, deletion=measure.exact, angular=True, influence=True, estimate=measure.estimate,
-                              skip_first_position=measure.skip_first_position)
+        sums = importance_sums(config, L)
         for b, (_, labels, mask) in enumerate(batches):
             capture = SimpleNamespace(layers=range(L), states=[s[b] for s in states],
                                       estimates=[e[b] for e in estimates] if measure.estimate else [])
@@ -276,7 +260,5 @@ def profile_streamed(sc: StreamedCheckpoint, data: EvalData, config: ProfileConf
             for k, losses in deleted.items():
                 sums.add_deleted(k, losses[b])
             sums.end_batch()
-        sums.check()
-        result = sums.frames(normalize_rows=True)
-        frames += [to_long(result[k], run_id, step) for k in _FRAMES if k in result]
+        frames += importance_rows(sums, run_id, step)
     return as_table_frame(pd.concat(frames, ignore_index=True))
