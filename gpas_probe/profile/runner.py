@@ -122,13 +122,12 @@ def _profile_groups(groups: dict[str, list[Path]], out: Path, config: ProfileCon
     source = _Data(config.evaluation)
     name, first = next((name, ckpts[0]) for name, ckpts in groups.items())
     threads = use_threads(loading.threads, device=device)
-    told = callback
 
-    def callback(p: ProfileProgress) -> None:
+    def tell(p: ProfileProgress) -> None:
         threads.check()  # the free cores, followed at batch boundaries
-        told(p)
+        callback(p)
 
-    callback(ProfileProgress(name, first, None, "data", 0, 0))
+    tell(ProfileProgress(name, first, None, "data", 0, 0))
     ev, measure = config.evaluation, config.measure
     per_ckpt = source.get(first).num_batches(*ev.sizes)  # one pass over the batches
     if loading.stream:  # a sweep through the layers (two with a backward), and the head
@@ -145,7 +144,7 @@ def _profile_groups(groups: dict[str, list[Path]], out: Path, config: ProfileCon
                "gradients": "of the token-mean loss over all target tokens of all batches"}
     load_kw = dict(backend=loading.backend, norm=loading.norm, post_layers=loading.post_layers, dtype=dtype,
                    device=device)
-    return [_profile_run(name, ckpts, out, source, config, options, counter, callback, load_kw)
+    return [_profile_run(name, ckpts, out, source, config, options, counter, tell, load_kw)
             for name, ckpts in groups.items()]
 
 
