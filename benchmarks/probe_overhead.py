@@ -16,8 +16,8 @@ ratio of total times over the run is printed as a cross-check (noisier: it is a 
 both wall-clock and process CPU time are reported (CPU time is less disturbed by other processes).
 ``--breakdown`` instead times each statistic family alone, recording every step.
 
-Goals: every-step overhead <= 10% on CPU and <= 3% on GPU; every-100 <= 1%; a not-recorded step
-costs the same as a step with no probes.
+Goals: every-step overhead <= 5% for the ``small`` preset on a CPU with 1 thread, <= 3% for ``medium``
+and on a GPU; every-100 <= 1%; a not-recorded step costs the same as a step with no probes.
 
     python benchmarks/probe_overhead.py                        # small preset (24 x 64), CPU, 1 thread
     python benchmarks/probe_overhead.py --threads 2 --rounds 100
@@ -49,7 +49,7 @@ from gpas_probe.training import StepInfo, make_optimizer
 TRAINING = Driver(grads_at_backward_end=True, grad_norm_given=True)  # the driver train() is, in one process
 
 EVERY = (1, 10, 100)
-GOALS = {"cpu": {1: 0.10, 100: 0.01}, "cuda": {1: 0.03, 100: 0.01}}
+GOALS = {"small": {1: 0.05, 100: 0.01}, "other": {1: 0.03, 100: 0.01}}
 NOT_RECORDED_TOLERANCE = 0.01  # a not-recorded step within 1% of a plain one counts as "the same"
 
 
@@ -171,7 +171,7 @@ def main_schedules(args: argparse.Namespace, runner: Runner, model: torch.nn.Mod
 
     clock = clocks[-1]
     rec, unrec, amortised = results[clock]
-    goals = GOALS["cuda" if device.type == "cuda" else "cpu"]
+    goals = GOALS["small" if args.preset == "small" and device.type == "cpu" else "other"]
     print(f"\nsummary | {clock} clock | measured | goal | verdict")
     for n in EVERY:
         goal = goals.get(n)

@@ -1,10 +1,10 @@
 """Probes: per-layer statistics of activations, gradients, parameters and GPAS gates during training.
 
 ``session`` (:class:`Probe`, :func:`attach`: how a probe is driven), ``driver`` (who drives it),
-``schedules`` (when to record), ``config``, ``recording`` + ``accumulator`` (one armed step's hooks and
-device sums), and one module per statistic family with its exact definitions: ``activations``,
-``ratios``, ``params``, ``gates``, ``model_level`` (base class in ``family``). Rows go to
-:mod:`gpas_probe.store`.
+``schedules`` (when to record), ``config``, ``recording`` + ``tokens`` + ``accumulator`` (one armed
+step's hooks, the per-token rows its hooks reduce tensors to, and device sums), and one module per
+statistic family with its exact definitions: ``activations``, ``outliers``, ``ratios``, ``params``,
+``gates``, ``model_level`` (base class in ``family``). Rows go to :mod:`gpas_probe.store`.
 """
 
 from gpas_probe.probes.config import ACTIVATION_SITES, DIRECTIONS, FAMILIES, ProbeConfig

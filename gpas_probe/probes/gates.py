@@ -39,10 +39,9 @@ class GateStats(StatFamily):
             return
         alpha = torch.stack([gate.alpha.detach().reshape(()) for _, _, gate in self.gates])  # a copy, in one op
         silu = F.silu(alpha)
-        columns = {"alpha": alpha.unbind(), "silu_alpha": silu.unbind(), "scale": (1 - silu).unbind()}
-        for i, (layer, site, gate) in enumerate(self.gates):
-            for stat, column in columns.items():
-                rec.acc.set((layer, site, stat), column[i])
+        for stat, column in (("alpha", alpha), ("silu_alpha", silu), ("scale", 1 - silu)):
+            rec.acc.set_block((self.name, stat), [(layer, site, stat) for layer, site, _ in self.gates], column)
+        for layer, site, gate in self.gates:
             if gate.alpha.requires_grad:
                 self.grad_keys[(layer, site)] = rec.watch_grad(gate.alpha, "value")
 

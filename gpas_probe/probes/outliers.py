@@ -21,16 +21,17 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 
 from gpas_probe.intervals import ratio_interval
 from gpas_probe.model.hooks import ProbedLayer
-from gpas_probe.probes.accumulator import Key, stat_dtype
+from gpas_probe.probes.accumulator import MAX, Key
 from gpas_probe.probes.config import ProbeConfig
-from gpas_probe.probes.family import Emit, StatFamily, div, masked, nan_sqrt
+from gpas_probe.probes.family import Emit, StatFamily, div, nan_sqrt
 from gpas_probe.probes.recording import Recording
+from gpas_probe.probes.tokens import TokenRows, masked_sum
 
 #: The accumulator fields of one site, and the per-sequence sums of the robust variance's interval.
 FIELDS = ("n", "n_out", "n_rob", "seqs", "pos0_out", "dev_sq", "dev_sq_out", "dev_sq_rob", "mean_sq_rob",
@@ -38,40 +39,29 @@ FIELDS = ("n", "n_out", "n_rob", "seqs", "pos0_out", "dev_sq", "dev_sq_out", "de
 SEQ_SUMS = ("m", "sx", "sy", "sxx", "syy", "sxy")
 
 
-class Tokens(NamedTuple):
-    """Per token of a (B, T, hidden) tensor: squared deviations from its mean, summed over the hidden
-    dimension, its mean, and its largest ``|x|``."""
-
-    dev_sq: torch.Tensor
-    mean: torch.Tensor
-    absmax: torch.Tensor
-
-
-def token_stats(x: torch.Tensor, scratch: torch.Tensor | None = None) -> Tokens:
-    """:class:`Tokens` of ``x`` (two-pass: token means, then deviations, in the statistics dtype)."""
-    x = x.detach()
-    x = x.to(stat_dtype(x))
-    sums = x.sum(-1, keepdim=True)
-    dev = torch.sub(x, sums, alpha=1 / x.shape[-1], **({} if scratch is None else {"out": scratch})).pow_(2)
-    return Tokens(dev.sum(-1), sums.squeeze(-1) / x.shape[-1], torch.maximum(x.amax(-1), x.amin(-1).neg()))
+def outlier_masks(rows: TokenRows, at: torch.Tensor, factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(outliers, robust), each (E, B*T): for the forward rows ``at`` (an index tensor), the kept tokens
+    whose mean square exceeds ``factor²`` times the median kept token's of the same row, and the other
+    kept tokens (no host sync)."""
+    threshold = rows.medians().index_select(0, at).mul_(factor * factor)
+    out = rows.per_token().mean_square.index_select(0, at) > threshold[:, None]
+    if rows.keep_flat is None:
+        return out, ~out
+    return out & rows.keep_flat, rows.keep_flat & ~out
 
 
-def outlier_mask(mean_square: torch.Tensor, keep: torch.Tensor, factor: float) -> torch.Tensor:
-    """Kept tokens whose mean square exceeds ``factor²`` times the median kept token's (no host sync)."""
-    median = torch.where(keep, mean_square, torch.full((), math.nan, dtype=mean_square.dtype,
-                                                       device=mean_square.device)).nanmedian()
-    return keep & (mean_square > factor * factor * median)
-
-
-def add_sequence_sums(rec: Recording, key: Key, x: torch.Tensor, y: torch.Tensor) -> None:
-    """Add the per-sequence sums of a ratio ``Σx / Σy`` (x, y: one value per sequence) under ``key``."""
+def add_sequence_blocks(rec: Recording, name: Any, keys: Sequence[Key], x: torch.Tensor, y: torch.Tensor) -> None:
+    """Add, for each ``keys[i]``, the per-sequence sums of a ratio ``Σx / Σy`` (``x``, ``y``: (E, B), one
+    value per sequence) under ``keys[i] + (s,)`` for ``s`` in :data:`SEQ_SUMS`."""
     x, y = x.double(), y.double()
-    for name, value in zip(SEQ_SUMS, (len(x), x.sum(), y.sum(), x.dot(x), y.dot(y), x.dot(y)), strict=True):
-        rec.acc.add(key + (name,), value)
+    m = torch.full((len(keys),), float(x.shape[1]), dtype=torch.float64, device=x.device)
+    for field, value in zip(SEQ_SUMS, (m, x.sum(-1), y.sum(-1), (x * x).sum(-1), (y * y).sum(-1), (x * y).sum(-1)),
+                            strict=True):
+        rec.acc.add_block((name, field), [k + (field,) for k in keys], value)
 
 
 def sequence_interval(values: Mapping[Key, float], key: Key) -> tuple[float, float]:
-    """The 95% interval of the ratio whose per-sequence sums :func:`add_sequence_sums` kept under ``key``."""
+    """The 95% interval of the ratio whose per-sequence sums :func:`add_sequence_blocks` kept under ``key``."""
     if key + ("m",) not in values:
         return math.nan, math.nan
     iv = ratio_interval(*(values[key + (name,)] for name in SEQ_SUMS))
@@ -89,37 +79,53 @@ class OutlierStats(StatFamily):
         self.factor = config.outlier_factor
         self.intervals = config.intervals
         self.hidden: dict[tuple[int, str], int] = {}
+        self._entries: list[tuple[Key, int]] = []
+        self._ids: torch.Tensor | None = None
 
     def arm(self, rec: Recording) -> None:
+        if not self.sites:
+            return
+        rec.locate_forward = True
+        self._entries = []
         for block in self.blocks:
             for site in self.sites:
                 rec.on_forward(getattr(block, f"hook_{site}"),
                                lambda x, key=(block.layer, site, "out"): self._forward(rec, key, x))
+        rec.on_pass_end(lambda rows: self._pass_end(rec, rows))
 
     def _forward(self, rec: Recording, key: Key, x: torch.Tensor) -> None:
-        self.hidden[key[:2]] = hidden = x.shape[-1]
-        keep = rec.kept(x)
-        xs = x.detach()
-        xs = xs.to(stat_dtype(xs))
-        t = token_stats(xs, rec.scratch(xs))
-        mean_sq = t.mean.square()
-        out = outlier_mask(t.dev_sq / hidden + mean_sq, keep, self.factor)
-        rob = keep & ~out
+        self.hidden[key[:2]] = x.shape[-1]
+        row = rec.token_row(x, forward=True)  # first: it may end the pass before this one
+        self._ids = rec.token_ids(x)
+        self._entries.append((key, row))
+
+    def _pass_end(self, rec: Recording, rows: TokenRows) -> None:
+        entries, self._entries = self._entries, []
+        if not entries:
+            return
+        keys, at = [k for k, _ in entries], rows.index([r for _, r in entries])
+        e, t, s = len(keys), rows.per_token(), rows.summary()
+        out, rob = outlier_masks(rows, at, self.factor)
+        dev, mean = t.dev_sq.index_select(0, at), t.mean.index_select(0, at)
+        n, n_out = rows.counts(e), out.sum(-1)
+        pos0 = out.view(e, rows.batch, rows.seq)[:, :, 0]
+        sums = {"n": n, "n_out": n_out, "n_rob": n - n_out, "pos0_out": pos0.sum(-1),
+                "seqs": torch.full((e,), float(rows.batch), dtype=torch.float64, device=rows.device),
+                "dev_sq": s.dev_sq.index_select(0, at), "dev_sq_out": masked_sum(dev, out),
+                "dev_sq_rob": masked_sum(dev, rob), "mean_sq_rob": masked_sum(mean.square(), rob)}
         acc = rec.acc
-        for name, value in (("n", keep.sum()), ("n_out", out.sum()), ("n_rob", rob.sum()), ("seqs", x.shape[0]),
-                            ("pos0_out", out[:, 0].sum()), ("dev_sq", masked(t.dev_sq, keep).sum()),
-                            ("dev_sq_out", masked(t.dev_sq, out).sum()), ("dev_sq_rob", masked(t.dev_sq, rob).sum()),
-                            ("mean_sq_rob", masked(mean_sq, rob).sum())):
-            acc.add(key + (name,), value)
-        acc.max(key + ("absmax_rob",), masked(t.absmax, rob, -math.inf).amax())
-        flat = masked(t.absmax, keep, -math.inf).reshape(-1)
-        i = flat.argmax()
-        dim = xs.reshape(-1, hidden)[i].abs().argmax()
-        ids = rec.token_ids(x)
-        token = ids.reshape(-1)[i] if ids is not None else torch.full((), -1, device=x.device)
-        acc.argmax(key + ("loc",), flat[i], (dim, i % x.shape[1], token))
+        for field, value in sums.items():
+            acc.add_block((self.name, field), [k + (field,) for k in keys], value)
+        acc.add_block((self.name, "absmax_rob"), [k + ("absmax_rob",) for k in keys],
+                      t.absmax.index_select(0, at).masked_fill_(~rob, -math.inf).amax(-1), MAX)
+        token, dim = rows.loc.index_select(0, at).unbind(-1)
+        ids = self._ids.reshape(-1)[token] if self._ids is not None else torch.full_like(token, -1)
+        acc.argmax_block((self.name, "loc"), [k + ("loc",) for k in keys], s.absmax.index_select(0, at),
+                         torch.stack([dim, token % rows.seq, ids], -1))
         if self.intervals:
-            add_sequence_sums(rec, key + ("var",), masked(t.dev_sq, rob).sum(-1), rob.sum(-1))
+            shape = (e, rows.batch, rows.seq)
+            per_seq = torch.where(rob, dev, 0.0).view(shape).sum(-1), rob.view(shape).sum(-1)
+            add_sequence_blocks(rec, (self.name, "var"), [k + ("var",) for k in keys], *per_seq)
 
     def rows(self, values: Mapping[Key, float], info: Mapping[str, Any], emit: Emit) -> None:
         for block in self.blocks:

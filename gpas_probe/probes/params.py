@@ -76,15 +76,22 @@ class ParamStats(StatFamily):
         """The squared norm of each segment from its parameters as they are (one fused norm, no copy)."""
         pieces = [self._pieces(ps) for _, _, ps in self.segments]
         squares = sum_sq([t for ts in pieces for t in ts])
-        start = 0
-        for (layer, part, _), ts in zip(self.segments, pieces, strict=True):
-            total = torch.stack(squares[start:start + len(ts)]).sum()
+        totals, start = [], 0
+        for ts in pieces:
+            totals.append(torch.stack(squares[start:start + len(ts)]).sum())
             start += len(ts)
-            rec.acc.set((layer, "params", name, part), total, SUM if part == "sharded" else SAME)
+        self._put(rec, name, totals)
 
     def _set(self, rec: Recording, name: str, flats: Sequence[torch.Tensor]) -> None:
-        for (layer, part, _), sq in zip(self.segments, sum_sq(flats), strict=True):
-            rec.acc.set((layer, "params", name, part), sq, SUM if part == "sharded" else SAME)
+        self._put(rec, name, sum_sq(flats))
+
+    def _put(self, rec: Recording, name: str, squares: Sequence[torch.Tensor]) -> None:
+        """One block per kind of segment (whole: every rank holds it; sharded: ranks sum their shards)."""
+        for part, reduce in (("whole", SAME), ("sharded", SUM)):
+            picked = [(layer, sq) for (layer, p, _), sq in zip(self.segments, squares, strict=True) if p == part]
+            if picked:
+                rec.acc.set_block((self.name, name, part), [(layer, "params", name, part) for layer, _ in picked],
+                                  torch.stack([sq for _, sq in picked]), reduce)
 
     def finish(self, rec: Recording, info: Mapping[str, Any]) -> None:
         snapshot = rec.state.pop(self.name, None)

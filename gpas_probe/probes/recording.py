@@ -3,7 +3,10 @@
 A :class:`Recording` exists only while a step is armed. Every hook it registers (module forward
 hooks, tensor gradient hooks, parameter post-accumulate-grad hooks) is kept as a handle and removed
 by :meth:`Recording.close`; between recorded steps the model carries no hook at all, so an
-unrecorded step runs exactly the code it runs without probes. Statistics accumulate in an
+unrecorded step runs exactly the code it runs without probes. A hook reduces its tensor to per-token
+rows (:class:`~gpas_probe.probes.tokens.TokenRows`); when a pass ends (the next forward after a
+backward, another shape or token mask, or :meth:`Recording.end_pass`) the families reduce the rows
+of the whole pass at once (:meth:`Recording.on_pass_end`). Statistics accumulate in an
 :class:`~gpas_probe.probes.accumulator.Accumulator`.
 """
 
@@ -19,6 +22,7 @@ from torch.utils.hooks import RemovableHandle
 from gpas_probe.distributed import is_sharded, local
 from gpas_probe.probes.accumulator import SAME, SUM, Accumulator, Key, stat_dtype
 from gpas_probe.probes.driver import Driver
+from gpas_probe.probes.tokens import TokenRows
 
 
 class Recording:
@@ -48,6 +52,10 @@ class Recording:
         self._exclude = exclude
         self._keep_cache: dict[tuple[int, int, torch.device], torch.Tensor | None] = {}
         self._scratch: dict[tuple[tuple[int, ...], torch.dtype, torch.device], torch.Tensor] = {}
+        self.locate_forward = False  # forward rows keep where their largest |x| sits (the outliers family)
+        self.rows: TokenRows | None = None
+        self._pass_end: list[Callable[[TokenRows], None]] = []
+        self._forward_hooks = 0
         self.closed = False
 
     # -- token masks ---------------------------------------------------------------------------
@@ -92,14 +100,45 @@ class Recording:
             return None
         return ids.to(x.device)
 
-    def scratch(self, like: torch.Tensor) -> torch.Tensor:
-        """A buffer of ``like``'s shape, dtype and device, reused by every statistic of this step that
-        needs an activation-sized temporary (hooks run one at a time): no allocation per statistic."""
-        key = (tuple(like.shape), like.dtype, like.device)
+    def scratch(self, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A buffer of ``like``'s shape and device (and dtype, unless given), reused by every statistic of
+        this step that needs an activation-sized temporary (hooks run one at a time): no allocation per
+        statistic."""
+        key = (tuple(like.shape), dtype or like.dtype, like.device)
         buf = self._scratch.get(key)
         if buf is None:
-            buf = self._scratch[key] = torch.empty(like.shape, dtype=like.dtype, device=like.device)
+            buf = self._scratch[key] = torch.empty(key[0], dtype=key[1], device=key[2])
         return buf
+
+    # -- per-token rows of a pass ---------------------------------------------------------------
+    def on_pass_end(self, fn: Callable[[TokenRows], None]) -> None:
+        """Call ``fn(rows)`` with the rows of each pass when it ends (a family reduces its sites there)."""
+        self._pass_end.append(fn)
+
+    def token_row(self, x: torch.Tensor, forward: bool) -> int:
+        """The row of ``x`` (B, T, hidden) in this pass's :class:`TokenRows` (``forward``: an activation,
+        else a gradient). A forward tensor after a backward one starts a new pass."""
+        keep = self.keep(x)
+        rows = self.rows
+        if rows is not None and (not rows.accepts(x, keep) or (forward and rows.backward_seen)):
+            self.end_pass()
+            rows = None
+        if rows is None:
+            rows = self.rows = TokenRows(x, keep, self._forward_hooks, self.locate_forward)
+        rows.backward_seen |= not forward
+        return rows.row(x, self.scratch(x, rows.dtype), forward)
+
+    def pair_row(self, a: torch.Tensor, b: torch.Tensor) -> int:
+        """The per-token dot products of ``a`` and ``b``, two tensors of this pass with rows already."""
+        assert self.rows is not None
+        return self.rows.pair(a, b, self.scratch(a, self.rows.dtype))
+
+    def end_pass(self) -> None:
+        """Hand the rows of the pass to the families (:meth:`on_pass_end`); the next tensor starts new rows."""
+        rows, self.rows = self.rows, None
+        if rows is not None and rows.n:
+            for fn in self._pass_end:
+                fn(rows)
 
     # -- hooks ---------------------------------------------------------------------------------
     def on_forward(self, module: nn.Module, fn: Callable[[torch.Tensor], None]) -> None:
@@ -111,6 +150,7 @@ class Recording:
                 fn(output)
 
         self._handles.append(module.register_forward_hook(hook))
+        self._forward_hooks += 1
 
     def on_grad(self, tensor: torch.Tensor, fn: Callable[[torch.Tensor], None]) -> None:
         """Call ``fn(grad)`` with the gradient of the loss w.r.t. ``tensor`` (the gradient is not changed)."""
@@ -165,8 +205,12 @@ class Recording:
         for items in groups.values():
             grads = [g for _, g, _ in items]
             squares = torch.stack(torch._foreach_norm(grads, 2, dtype=stat_dtype(grads[0]))).square()
-            for (i, _, reduce), sq in zip(items, squares.unbind(), strict=True):
-                self.acc.set(("grad_sq", i), sq, reduce)
+            for reduce in (SAME, SUM):  # one block per kind: replicated gradients, and shards to sum
+                picked = [j for j, item in enumerate(items) if item[2] == reduce]
+                if picked:
+                    values = squares if len(picked) == len(items) else squares[picked]
+                    self.acc.set_block(("grad_sq", grads[0].dtype, grads[0].device, reduce),
+                                       [("grad_sq", items[j][0]) for j in picked], values, reduce)
 
     def _grad_hook(self, p: torch.Tensor, kinds: set[str]) -> None:
         g = p.grad
@@ -194,6 +238,8 @@ class Recording:
         self._keep_cache.clear()
         self._scratch.clear()
         self.state.clear()
+        self.rows = None
+        self._pass_end.clear()
         self.closed = True
 
     @property

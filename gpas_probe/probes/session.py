@@ -249,6 +249,7 @@ class Probe:
             log.warning("step %d: parameter gradients were not read (grads_at_backward_end, but after_backward "
                         "was not called): no gradient norms for this step", step)
         try:
+            rec.end_pass()
             for family in self._families:
                 family.finish(rec, info)
             values = rec.acc.collect(self.driver.all_reduce)

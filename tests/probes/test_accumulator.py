@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from gpas_probe.probes.accumulator import SUM, Accumulator
+from gpas_probe.probes.accumulator import MAX, SUM, Accumulator
 
 
 def _two_ranks(a: Accumulator, b: Accumulator) -> dict:
@@ -60,3 +60,33 @@ def test_reduction_keeps_a_nan_of_one_rank_and_refuses_mismatched_keys() -> None
     mine.set(("grad", 3), torch.tensor(0.25))
     with pytest.raises(RuntimeError, match="different probe statistics"):
         _two_ranks(mine, other)
+
+
+def test_blocks_combine_over_passes_as_single_values_do() -> None:
+    g = torch.Generator().manual_seed(1)
+    keys = [(layer, "resid_post", "fwd", "sq") for layer in range(3)]
+    passes = [torch.randn(3, generator=g) for _ in range(2)]
+    blocks, singles = Accumulator(), Accumulator()
+    for values in passes:
+        blocks.add_block("sq", keys, values)
+        blocks.add_block("top", [k[:3] + ("top",) for k in keys], values, MAX)
+        blocks.argmax_block("loc", [k[:3] + ("loc",) for k in keys], values, torch.stack([values * 10, values], -1))
+        for key, v in zip(keys, values, strict=True):
+            singles.add(key, v)
+            singles.max(key[:3] + ("top",), v)
+            singles.argmax(key[:3] + ("loc",), v, (v * 10, v))
+    assert blocks.collect() == pytest.approx(singles.collect(), rel=1e-12)
+    blocks.add_block("sq", keys[:2], passes[0][:2])  # a pass that saw fewer sites still adds up
+    assert blocks.collect()[keys[0]] == pytest.approx(float(passes[0][0] * 2 + passes[1][0]), rel=1e-6)
+
+
+def test_set_blocks_replace_and_blocks_reduce_over_ranks() -> None:
+    a, b = Accumulator(), Accumulator()
+    for acc, shard in ((a, torch.tensor([1.0, 2.0])), (b, torch.tensor([3.0, 4.0]))):
+        acc.set_block("grad_sq", [("grad_sq", 0), ("grad_sq", 1)], shard * 100, SUM)
+        acc.set_block("grad_sq", [("grad_sq", 0), ("grad_sq", 1)], shard, SUM)  # the latest wins
+        acc.add_block("n", [(0, "resid_pre", "fwd", "n")], torch.tensor([5.0]))
+        acc.add_block("top", [(0, "resid_pre", "fwd", "absmax")], shard[:1], MAX)
+    got = _two_ranks(a, b)
+    assert got[("grad_sq", 0)] == 4.0 and got[("grad_sq", 1)] == 6.0
+    assert got[(0, "resid_pre", "fwd", "n")] == 10.0 and got[(0, "resid_pre", "fwd", "absmax")] == 3.0

@@ -10,7 +10,7 @@ import torch
 from probe_reference import B, T, assert_rows, batch, family_case, model_for
 
 from gpas_probe.probes import Probe, ProbeConfig
-from gpas_probe.probes.activations import moments
+from gpas_probe.probes.tokens import TokenRows
 
 
 def test_activation_statistics_match_brute_force(case: str, grads_at_backward_end: bool) -> None:
@@ -32,8 +32,10 @@ def test_a_step_with_every_token_excluded_records_nan_and_is_not_called_non_fini
 
 def test_large_finite_activations_give_finite_moments() -> None:
     x = torch.randn(2, 64, 4096, generator=torch.Generator().manual_seed(0)) + 1e15  # a diverging run's scale
-    keep = torch.ones(2, 64, dtype=torch.bool)
-    for m in (moments(x, None), moments(x, keep)):
-        assert all(math.isfinite(float(v)) for v in m)
-        rms = math.sqrt((float(m.dev_sq) + 4096 * float(m.mean_sq)) / (float(m.n) * 4096))
+    for keep in (None, torch.ones(2, 64, dtype=torch.bool)):
+        rows = TokenRows(x, keep, capacity=1, locate=False)
+        rows.row(x, torch.empty_like(x), forward=True)
+        m = rows.summary()
+        assert all(math.isfinite(float(v)) for v in (m.n, *m.dev_sq, *m.mean_sq, *m.absmax))
+        rms = math.sqrt((float(m.dev_sq[0]) + 4096 * float(m.mean_sq[0])) / (float(m.n) * 4096))
         assert rms == pytest.approx(1e15, rel=1e-3)

@@ -88,8 +88,8 @@ def test_no_hook_runs_on_unrecorded_steps(monkeypatch) -> None:
             return fn(*args, **kwargs)
         return wrapper
 
-    for cls, name in ((ActivationStats, "_forward"), (ActivationStats, "_backward"), (ShortcutBranchStats, "_seen"),
-                      (Recording, "_grad_hook")):
+    for cls, name in ((ActivationStats, "_forward"), (ActivationStats, "_add"), (ShortcutBranchStats, "_seen"),
+                      (Recording, "_grad_hook"), (Recording, "token_row"), (Recording, "end_pass")):
         monkeypatch.setattr(cls, name, counting(getattr(cls, name)))
 
     probe = Probe(config=ProbeConfig(), schedule=Steps({1, 3}))
@@ -136,7 +136,8 @@ def test_session_removes_every_hook_when_it_ends_or_raises(monkeypatch) -> None:
         ended_loss = model(x, y).loss
     assert hook_count(model) == 0 and probe.num_hooks == 0
 
-    for cls, name in ((ActivationStats, "_forward"), (ActivationStats, "_backward"), (Recording, "_grad_hook")):
+    for cls, name in ((ActivationStats, "_forward"), (ActivationStats, "_add"), (Recording, "_grad_hook"),
+                      (Recording, "token_row")):
         monkeypatch.setattr(cls, name, boom)
     raised_loss.backward()  # would raise if a tensor or post-accumulate-grad hook were left
     ended_loss.backward()

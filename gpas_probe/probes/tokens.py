@@ -1,0 +1,212 @@
+"""Per-token reductions of the tensors one pass probes, kept in one preallocated buffer.
+
+A recorded step touches each probed tensor (an activation at a hook point, or its gradient) once, in
+its hook: a few passes over it leave, per token, the sum over the hidden dimension, the squared
+deviations from the token's mean, and the largest ``|x|`` (and, for forward tensors when asked, where
+the largest ``|x|`` of the tensor sits). Everything else the statistic families need (sums over the
+kept tokens, the outlier tokens, the medians they are found with, intervals) is computed for every
+tensor of the pass at once from these rows (:meth:`TokenRows.summary`), when the pass ends.
+
+A tensor seen at several sites (``resid_post`` of layer l is ``resid_pre`` of layer l + 1; autograd
+hands one gradient object to both terms of an add) gets one row. The rows of one pass share one shape
+and one token mask; a new pass, shape or mask starts new rows (:class:`~gpas_probe.probes.recording.Recording`
+hands the full rows to the families first).
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import NamedTuple
+
+import torch
+
+from gpas_probe.probes.accumulator import stat_dtype
+
+SUM, DEV_SQ, HI, LO = 0, 1, 2, 3  # the per-token fields of a row: sum, squared deviations, max, min
+
+
+class Summary(NamedTuple):
+    """Per row, over the kept tokens: their number (the same for every row: an int, or a 0-d tensor),
+    the sum of squared deviations from each token's mean, the sum of squared token means, and the
+    largest ``|x|`` (``-inf`` when no token is kept)."""
+
+    n: int | torch.Tensor
+    dev_sq: torch.Tensor
+    mean_sq: torch.Tensor
+    absmax: torch.Tensor
+
+
+def masked_sum(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``t`` (E, N) summed over the positions of ``mask`` (N or E, N): a value left out counts as
+    nothing, even an infinite or NaN one."""
+    return torch.where(mask, t, torch.zeros((), dtype=t.dtype, device=t.device)).sum(-1)
+
+
+class PerToken(NamedTuple):
+    """Per row and token (each (rows, B*T)): the mean over the hidden dimension, the sum of squared
+    deviations from it, the largest ``|x|``, and the mean of ``x²``."""
+
+    mean: torch.Tensor
+    dev_sq: torch.Tensor
+    absmax: torch.Tensor
+    mean_square: torch.Tensor
+
+
+class TokenRows:
+    """One row of per-token reductions for each distinct tensor of a pass (module doc).
+
+    ``like`` is the first tensor (B, T, hidden); ``keep`` the (B, T) positions statistics include
+    (None: all); ``capacity`` the rows reserved (more are added by doubling); ``locate``: forward rows
+    also keep where their largest ``|x|`` sits (the flat token index and the hidden dimension).
+    """
+
+    def __init__(self, like: torch.Tensor, keep: torch.Tensor | None, capacity: int, locate: bool) -> None:
+        self.batch, self.seq = like.shape[0], like.shape[1]
+        self.dtype, self.device = stat_dtype(like), like.device
+        self.keep = keep
+        self.keep_flat = keep.reshape(-1) if keep is not None else None
+        self.locate = locate
+        self.data = torch.empty(max(capacity, 1), 4, self.batch * self.seq, dtype=self.dtype, device=self.device)
+        self.loc = torch.zeros(self.data.shape[0], 2, dtype=torch.long, device=self.device)
+        self.pairs: torch.Tensor | None = None  # per-token dot products of tensor pairs (ratios)
+        self.n_pairs = 0
+        self.n = 0
+        self.hidden: list[int] = []
+        self.located: list[bool] = []
+        self.backward_seen = False
+        self._seen: dict[int, tuple[weakref.ref, int, int]] = {}
+        self.forward: list[bool] = []
+        self._summary: Summary | None = None
+        self._per_token: PerToken | None = None
+        self._medians: torch.Tensor | None = None
+
+    def accepts(self, x: torch.Tensor, keep: torch.Tensor | None) -> bool:
+        """Whether ``x`` (with positions ``keep``) belongs with these rows: same shape, dtype, device, mask."""
+        return (x.shape[0], x.shape[1]) == (self.batch, self.seq) and stat_dtype(x) == self.dtype \
+            and x.device == self.device and keep is self.keep
+
+    def _grow(self) -> None:
+        cap = self.data.shape[0]
+        self.data = torch.cat([self.data, torch.empty_like(self.data)])
+        self.loc = torch.cat([self.loc, torch.zeros_like(self.loc)])
+        assert self.data.shape[0] == 2 * cap
+
+    def row(self, x: torch.Tensor, scratch: torch.Tensor, forward: bool) -> int:
+        """The row of ``x`` (B, T, hidden), reduced now unless this very tensor already has one;
+        ``scratch`` is a buffer of ``x``'s shape in the statistics dtype."""
+        found = self._seen.get(id(x))
+        if found is not None and found[0]() is x and found[1] == x._version:
+            r = found[2]
+            if forward and self.locate and not self.located[r]:
+                self._locate(r, self._stat(x))
+            return r
+        if self.n == self.data.shape[0]:
+            self._grow()
+        r, self.n = self.n, self.n + 1
+        xs = self._stat(x)
+        h = xs.shape[-1]
+        self.hidden.append(h)
+        self.located.append(False)
+        self.forward.append(forward)
+        shape = (self.batch, self.seq)
+        sums = self.data[r, SUM].view(*shape, 1)
+        torch.sum(xs, -1, keepdim=True, out=sums)
+        # two passes (token means, then squared deviations): one would cancel when means are large
+        torch.sum(torch.sub(xs, sums, alpha=1 / h, out=scratch).pow_(2), -1, out=self.data[r, DEV_SQ].view(shape))
+        torch.amax(xs, -1, out=self.data[r, HI].view(shape))
+        torch.amin(xs, -1, out=self.data[r, LO].view(shape))
+        if forward and self.locate:
+            self._locate(r, xs)
+        # A weak reference: holding a gradient would stop autograd from accumulating into it in place.
+        # When it does, the same object carries new values: its version counter tells.
+        self._seen[id(x)] = (weakref.ref(x), x._version, r)
+        self._summary = self._per_token = self._medians = None
+        return r
+
+    def _stat(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.detach()
+        return x.to(stat_dtype(x))
+
+    def _locate(self, r: int, xs: torch.Tensor) -> None:
+        """Where the largest ``|x|`` of a kept token of ``xs`` sits; no host sync."""
+        per_token = torch.maximum(self.data[r, HI], self.data[r, LO].neg())
+        if self.keep_flat is not None:
+            per_token = per_token.masked_fill(~self.keep_flat, -math.inf)
+        token = torch.argmax(per_token, out=self.loc[r, 0])
+        torch.argmax(xs.reshape(-1, xs.shape[-1]).index_select(0, token.view(1)).abs(), out=self.loc[r, 1])
+        self.located[r] = True
+
+    def pair(self, a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> int:
+        """The per-token dot products of ``a`` and ``b`` (B, T, hidden) in a pair row; its index."""
+        if self.pairs is None:
+            self.pairs = torch.empty(self.data.shape[0], self.batch * self.seq, dtype=self.dtype, device=self.device)
+        if self.n_pairs == self.pairs.shape[0]:
+            self.pairs = torch.cat([self.pairs, torch.empty_like(self.pairs)])
+        p, self.n_pairs = self.n_pairs, self.n_pairs + 1
+        torch.sum(torch.mul(self._stat(a), self._stat(b), out=scratch), -1,
+                  out=self.pairs[p].view(self.batch, self.seq))
+        return p
+
+    # -- reductions over the kept tokens, for every row at once ----------------------------------
+    def hidden_of(self, rows: list[int]) -> torch.Tensor | float:
+        """The hidden size of each row (a float when all are the same)."""
+        sizes = {self.hidden[r] for r in rows}
+        if len(sizes) == 1:
+            return float(sizes.pop())
+        return torch.tensor([float(self.hidden[r]) for r in rows], dtype=self.dtype, device=self.device)[:, None]
+
+    def kept_sum(self, t: torch.Tensor) -> torch.Tensor:
+        """``t`` (E, B*T) summed over the kept tokens: (E,)."""
+        return t.sum(-1) if self.keep_flat is None else masked_sum(t, self.keep_flat)
+
+    def kept_max(self, t: torch.Tensor) -> torch.Tensor:
+        """The largest value of ``t`` (E, B*T) over the kept tokens (``-inf`` when none is)."""
+        if self.keep_flat is not None:
+            t = t.masked_fill(~self.keep_flat, -math.inf)
+        return t.amax(-1)
+
+    def count(self) -> int | torch.Tensor:
+        return self.batch * self.seq if self.keep_flat is None else self.keep_flat.sum()
+
+    def counts(self, e: int) -> torch.Tensor:
+        """The number of kept tokens, ``e`` times (float64: exact, and summed exactly over passes)."""
+        n = self.count()
+        if isinstance(n, torch.Tensor):
+            return n.to(torch.float64).expand(e)
+        return torch.full((e,), float(n), dtype=torch.float64, device=self.device)
+
+    def index(self, rows: list[int]) -> torch.Tensor:
+        """``rows`` as an index tensor on the rows' device (for ``index_select`` on what follows)."""
+        return torch.tensor(rows, dtype=torch.long, device=self.device)
+
+    def per_token(self) -> PerToken:
+        """:class:`PerToken` of every row (computed once)."""
+        if self._per_token is None:
+            d = self.data[:self.n]
+            h = self.hidden_of(list(range(self.n)))
+            mean = d[:, SUM] / h
+            self._per_token = PerToken(mean, d[:, DEV_SQ], torch.maximum(d[:, HI], d[:, LO].neg()),
+                                       d[:, DEV_SQ] / h + mean.square())
+        return self._per_token
+
+    def summary(self) -> Summary:
+        """:class:`Summary` of every row (computed once)."""
+        if self._summary is None:
+            t = self.per_token()
+            self._summary = Summary(self.count(), self.kept_sum(t.dev_sq), self.kept_sum(t.mean.square()),
+                                    self.kept_max(t.absmax))
+        return self._summary
+
+    def medians(self) -> torch.Tensor:
+        """Per row, the median over the kept tokens of the token mean square (the lower middle value for an
+        even count); computed once, for forward rows only (NaN for the others)."""
+        if self._medians is None:
+            forward = [r for r in range(self.n) if self.forward[r]]
+            self._medians = torch.full((self.n,), math.nan, dtype=self.dtype, device=self.device)
+            if forward:
+                ms = self.per_token().mean_square.index_select(0, self.index(forward))
+                if self.keep_flat is not None:
+                    ms = ms.masked_fill(~self.keep_flat, math.nan)
+                self._medians[forward] = ms.nanmedian(-1).values
+        return self._medians
