@@ -31,12 +31,12 @@ def token_blocks(rec: Recording, name: str, rows: TokenRows, entries: list[tuple
     sum to zero), so the squares need no field of their own."""
     if not entries:
         return
-    keys = [k for k, _ in entries]
-    index = torch.tensor([r for _, r in entries], device=rows.device)
+    keys, at = [k for k, _ in entries], rows.index([r for _, r in entries])
     s = rows.summary()
-    for field, values in (("n", rows.counts(len(keys))), ("dev_sq", s.dev_sq[index]), ("mean_sq", s.mean_sq[index])):
+    for field, values in (("n", rows.counts(len(keys))), ("dev_sq", s.dev_sq.index_select(0, at)),
+                          ("mean_sq", s.mean_sq.index_select(0, at))):
         rec.acc.add_block((name, field), [k + (field,) for k in keys], values)
-    rec.acc.add_block((name, "absmax"), [k + ("absmax",) for k in keys], s.absmax[index], MAX)
+    rec.acc.add_block((name, "absmax"), [k + ("absmax",) for k in keys], s.absmax.index_select(0, at), MAX)
 
 
 class ActivationStats(StatFamily):

@@ -16,8 +16,6 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
-import torch
-
 from gpas_probe.probes.accumulator import Key
 from gpas_probe.probes.recording import Recording
 
@@ -31,24 +29,9 @@ def div(a: float, b: float) -> float:
     return a / b
 
 
-def nan_max(a: float, b: float) -> float:
-    """The larger of two floats, NaN when either is."""
-    return math.nan if math.isnan(a) or math.isnan(b) else max(a, b)  # NaN wins, whichever side
-
-
 def nan_sqrt(a: float) -> float:
     """``sqrt(a)``, NaN for negative or NaN ``a``."""
     return math.sqrt(a) if a >= 0 else math.nan  # NaN stays NaN
-
-
-def masked(t: torch.Tensor, keep: torch.Tensor | None, fill: float = 0.0) -> torch.Tensor:
-    """``t`` where ``keep``, else ``fill`` (``t`` itself when every position is kept)."""
-    return t if keep is None else torch.where(keep, t, torch.full((), fill, dtype=t.dtype, device=t.device))
-
-
-def count(x: torch.Tensor, keep: torch.Tensor | None) -> torch.Tensor | int:
-    """The number of kept tokens of ``x`` (B, T, hidden)."""
-    return x.numel() // x.shape[-1] if keep is None else keep.sum()
 
 
 class StatFamily:

@@ -31,7 +31,7 @@ from gpas_probe.probes.accumulator import MAX, Key
 from gpas_probe.probes.config import ProbeConfig
 from gpas_probe.probes.family import Emit, StatFamily, div, nan_sqrt
 from gpas_probe.probes.recording import Recording
-from gpas_probe.probes.tokens import TokenRows, masked_sum
+from gpas_probe.probes.tokens import TokenRows, masked, masked_sum, repeated
 
 #: The accumulator fields of one site, and the per-sequence sums of the robust variance's interval.
 FIELDS = ("n", "n_out", "n_rob", "seqs", "pos0_out", "dev_sq", "dev_sq_out", "dev_sq_rob", "mean_sq_rob",
@@ -54,7 +54,7 @@ def add_sequence_blocks(rec: Recording, name: Any, keys: Sequence[Key], x: torch
     """Add, for each ``keys[i]``, the per-sequence sums of a ratio ``Σx / Σy`` (``x``, ``y``: (E, B), one
     value per sequence) under ``keys[i] + (s,)`` for ``s`` in :data:`SEQ_SUMS`."""
     x, y = x.double(), y.double()
-    m = torch.full((len(keys),), float(x.shape[1]), dtype=torch.float64, device=x.device)
+    m = repeated(x.shape[1], len(keys), x.device)
     for field, value in zip(SEQ_SUMS, (m, x.sum(-1), y.sum(-1), (x * x).sum(-1), (y * y).sum(-1), (x * y).sum(-1)),
                             strict=True):
         rec.acc.add_block((name, field), [k + (field,) for k in keys], value)
@@ -108,23 +108,22 @@ class OutlierStats(StatFamily):
         out, rob = outlier_masks(rows, at, self.factor)
         dev, mean = t.dev_sq.index_select(0, at), t.mean.index_select(0, at)
         n, n_out = rows.counts(e), out.sum(-1)
-        pos0 = out.view(e, rows.batch, rows.seq)[:, :, 0]
-        sums = {"n": n, "n_out": n_out, "n_rob": n - n_out, "pos0_out": pos0.sum(-1),
-                "seqs": torch.full((e,), float(rows.batch), dtype=torch.float64, device=rows.device),
+        shape = (e, rows.batch, rows.seq)
+        sums = {"n": n, "n_out": n_out, "n_rob": n - n_out, "pos0_out": out.view(shape)[:, :, 0].sum(-1),
+                "seqs": repeated(rows.batch, e, rows.device),
                 "dev_sq": s.dev_sq.index_select(0, at), "dev_sq_out": masked_sum(dev, out),
                 "dev_sq_rob": masked_sum(dev, rob), "mean_sq_rob": masked_sum(mean.square(), rob)}
         acc = rec.acc
         for field, value in sums.items():
             acc.add_block((self.name, field), [k + (field,) for k in keys], value)
         acc.add_block((self.name, "absmax_rob"), [k + ("absmax_rob",) for k in keys],
-                      t.absmax.index_select(0, at).masked_fill_(~rob, -math.inf).amax(-1), MAX)
+                      masked(t.absmax.index_select(0, at), rob, -math.inf).amax(-1), MAX)
         token, dim = rows.loc.index_select(0, at).unbind(-1)
         ids = self._ids.reshape(-1)[token] if self._ids is not None else torch.full_like(token, -1)
         acc.argmax_block((self.name, "loc"), [k + ("loc",) for k in keys], s.absmax.index_select(0, at),
                          torch.stack([dim, token % rows.seq, ids], -1))
         if self.intervals:
-            shape = (e, rows.batch, rows.seq)
-            per_seq = torch.where(rob, dev, 0.0).view(shape).sum(-1), rob.view(shape).sum(-1)
+            per_seq = masked(dev, rob).view(shape).sum(-1), rob.view(shape).sum(-1)
             add_sequence_blocks(rec, (self.name, "var"), [k + ("var",) for k in keys], *per_seq)
 
     def rows(self, values: Mapping[Key, float], info: Mapping[str, Any], emit: Emit) -> None:

@@ -22,7 +22,7 @@ from gpas_probe.probes.config import ProbeConfig
 from gpas_probe.probes.family import Emit, StatFamily, div, nan_sqrt
 from gpas_probe.probes.outliers import add_sequence_blocks, outlier_masks, sequence_interval
 from gpas_probe.probes.recording import Recording
-from gpas_probe.probes.tokens import TokenRows
+from gpas_probe.probes.tokens import TokenRows, masked
 
 
 class ShortcutBranchStats(StatFamily):
@@ -76,8 +76,7 @@ class ShortcutBranchStats(StatFamily):
         dot = rows.pairs.index_select(0, rows.index([e[3] for e in entries]))
         cos = dot / (sq_s.sqrt() * sq_b.sqrt()).clamp_min_(torch.finfo(rows.dtype).tiny)
         rob = outlier_masks(rows, s_at, self.factor)[1]
-        zero = torch.zeros((), dtype=rows.dtype, device=rows.device)
-        rob_s, rob_b = torch.where(rob, sq_s, zero), torch.where(rob, sq_b, zero)
+        rob_s, rob_b = masked(sq_s, rob), masked(sq_b, rob)
         e = len(keys)
         sums = {"n": rows.counts(e), "sq_s": rows.kept_sum(sq_s), "sq_b": rows.kept_sum(sq_b),
                 "cos": rows.kept_sum(cos), "sq_s_rob": rob_s.sum(-1), "sq_b_rob": rob_b.sum(-1)}

@@ -83,16 +83,6 @@ class Recording:
             self._keep_cache[cache_key] = keep
         return self._keep_cache[cache_key]
 
-    def kept(self, x: torch.Tensor) -> torch.Tensor:
-        """:meth:`keep` as a (B, T) boolean tensor even when every position is kept."""
-        keep = self.keep(x)
-        if keep is not None:
-            return keep
-        cache_key = (x.shape[0], x.shape[1], x.device, "all")
-        if cache_key not in self._keep_cache:
-            self._keep_cache[cache_key] = torch.ones(x.shape[0], x.shape[1], dtype=torch.bool, device=x.device)
-        return self._keep_cache[cache_key]  # type: ignore[return-value]
-
     def token_ids(self, x: torch.Tensor) -> torch.Tensor | None:
         """The input ids of the positions of ``x`` (B, T, hidden), when the driver gave them."""
         ids = self.tokens

@@ -38,10 +38,22 @@ class Summary(NamedTuple):
     absmax: torch.Tensor
 
 
-def masked_sum(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``t`` (E, N) summed over the positions of ``mask`` (N or E, N): a value left out counts as
-    nothing, even an infinite or NaN one."""
-    return torch.where(mask, t, torch.zeros((), dtype=t.dtype, device=t.device)).sum(-1)
+def masked(t: torch.Tensor, mask: torch.Tensor | None, fill: float = 0.0) -> torch.Tensor:
+    """``t`` where ``mask``, else ``fill`` (``t`` itself without a mask); a value left out is gone, even
+    an infinite or NaN one."""
+    return t if mask is None else torch.where(mask, t, torch.full((), fill, dtype=t.dtype, device=t.device))
+
+
+def masked_sum(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``t`` (E, N) summed over the positions of ``mask`` (N or E, N; None: all)."""
+    return masked(t, mask).sum(-1)
+
+
+def repeated(value: float | torch.Tensor, e: int, device: torch.device) -> torch.Tensor:
+    """``value`` ``e`` times, in float64 (counts stay exact, also summed over passes)."""
+    if isinstance(value, torch.Tensor):
+        return value.to(torch.float64).expand(e)
+    return torch.full((e,), float(value), dtype=torch.float64, device=device)
 
 
 class PerToken(NamedTuple):
@@ -88,10 +100,8 @@ class TokenRows:
             and x.device == self.device and keep is self.keep
 
     def _grow(self) -> None:
-        cap = self.data.shape[0]
         self.data = torch.cat([self.data, torch.empty_like(self.data)])
         self.loc = torch.cat([self.loc, torch.zeros_like(self.loc)])
-        assert self.data.shape[0] == 2 * cap
 
     def row(self, x: torch.Tensor, scratch: torch.Tensor, forward: bool) -> int:
         """The row of ``x`` (B, T, hidden), reduced now unless this very tensor already has one;
@@ -131,9 +141,7 @@ class TokenRows:
 
     def _locate(self, r: int, xs: torch.Tensor) -> None:
         """Where the largest ``|x|`` of a kept token of ``xs`` sits; no host sync."""
-        per_token = torch.maximum(self.data[r, HI], self.data[r, LO].neg())
-        if self.keep_flat is not None:
-            per_token = per_token.masked_fill(~self.keep_flat, -math.inf)
+        per_token = masked(torch.maximum(self.data[r, HI], self.data[r, LO].neg()), self.keep_flat, -math.inf)
         token = torch.argmax(per_token, out=self.loc[r, 0])
         torch.argmax(xs.reshape(-1, xs.shape[-1]).index_select(0, token.view(1)).abs(), out=self.loc[r, 1])
         self.located[r] = True
@@ -159,23 +167,18 @@ class TokenRows:
 
     def kept_sum(self, t: torch.Tensor) -> torch.Tensor:
         """``t`` (E, B*T) summed over the kept tokens: (E,)."""
-        return t.sum(-1) if self.keep_flat is None else masked_sum(t, self.keep_flat)
+        return masked_sum(t, self.keep_flat)
 
     def kept_max(self, t: torch.Tensor) -> torch.Tensor:
         """The largest value of ``t`` (E, B*T) over the kept tokens (``-inf`` when none is)."""
-        if self.keep_flat is not None:
-            t = t.masked_fill(~self.keep_flat, -math.inf)
-        return t.amax(-1)
+        return masked(t, self.keep_flat, -math.inf).amax(-1)
 
     def count(self) -> int | torch.Tensor:
         return self.batch * self.seq if self.keep_flat is None else self.keep_flat.sum()
 
     def counts(self, e: int) -> torch.Tensor:
-        """The number of kept tokens, ``e`` times (float64: exact, and summed exactly over passes)."""
-        n = self.count()
-        if isinstance(n, torch.Tensor):
-            return n.to(torch.float64).expand(e)
-        return torch.full((e,), float(n), dtype=torch.float64, device=self.device)
+        """The number of kept tokens, ``e`` times (:func:`repeated`)."""
+        return repeated(self.count(), e, self.device)
 
     def index(self, rows: list[int]) -> torch.Tensor:
         """``rows`` as an index tensor on the rows' device (for ``index_select`` on what follows)."""
@@ -207,7 +210,5 @@ class TokenRows:
             self._medians = torch.full((self.n,), math.nan, dtype=self.dtype, device=self.device)
             if forward:
                 ms = self.per_token().mean_square.index_select(0, self.index(forward))
-                if self.keep_flat is not None:
-                    ms = ms.masked_fill(~self.keep_flat, math.nan)
-                self._medians[forward] = ms.nanmedian(-1).values
+                self._medians[forward] = masked(ms, self.keep_flat, math.nan).nanmedian(-1).values
         return self._medians
