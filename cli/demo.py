@@ -28,7 +28,7 @@ def demo_cmd(
     seed: Annotated[int, Opt(help="Seed shared by both runs (same init of shared weights, same batches).")] = 0,
     probe_every: Annotated[int, Opt(help="Record probes every N steps.")] = 25,
     overwrite: Annotated[bool, Opt("--overwrite", help="Replace an earlier demo in --out.")] = False,
-    threads: Annotated[int, Opt(help="CPU threads (0: chosen for the model and the cores free now).")] = 0,
+    threads: Annotated[int, Opt(help="CPU threads (0: as many as cores are free, re-checked during the run).")] = 0,
     verbose: Annotated[bool, Opt("--verbose", "-v")] = False,
 ) -> None:
     """Train a scheme with and without GPAS, record probes, draw every figure, compare."""

@@ -38,7 +38,7 @@ def profile_cmd(
     post_layers: Annotated[int | None, Opt(help="Mix-LN: number of leading post-norm layers.")] = None,
     device: Annotated[str, Opt(help="auto, cpu, cuda, cuda:N.")] = "auto",
     dtype: Annotated[DType | None, Opt(help="Cast the weights (default: as stored).")] = None,
-    threads: Annotated[int, Opt(help="CPU threads (0: chosen for the model and the cores free now).")] = 0,
+    threads: Annotated[int, Opt(help="CPU threads (0: as many as cores are free, re-checked during the run).")] = 0,
     run_id: Annotated[str | None, Opt("--run-id", help="Put everything given into OUT/RUN_ID (default: one folder "
                                                        "per run, named after it).")] = None,
     latest: Annotated[bool, Opt("--latest", help="Only the latest checkpoint of each run folder.")] = False,

@@ -51,8 +51,9 @@ def train_cmd(
                       ] = "auto",
     dist: Annotated[str, Opt(help="Under torchrun: ddp, or fsdp (FSDP2); --batch-size is per process.")] = "none",
     compile: Annotated[bool, Opt("--compile", help="torch.compile the model.")] = False,
-    threads: Annotated[int | None, Opt(help="CPU threads (default 0: chosen for the model and the cores free "
-                                            "now; see the README's performance section).")] = None,
+    threads: Annotated[int | None, Opt(help="CPU threads (default 0: as many as cores are free, "
+                                            "re-checked during the run; see the README's performance "
+                                            "section).")] = None,
     resume: Annotated[bool, Opt("--resume", help="Continue the run in --out from its latest checkpoint, with its own "
                                                  "settings (options given here may change steps, evaluation, "
                                                  "checkpoints, device and probes).")] = False,

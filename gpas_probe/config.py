@@ -198,7 +198,7 @@ class TrainConfig:
     data: str = "builtin"  # "builtin", a text file, a .npy/.bin token file
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     compile: bool = False
-    threads: int = 0  # CPU intra-op threads; 0 = chosen for the model and the free cores (gpas_probe.threads)
+    threads: int = 0  # CPU intra-op threads; 0 = as many as cores are free, re-checked (gpas_probe.threads)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]

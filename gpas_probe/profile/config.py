@@ -40,7 +40,8 @@ class LoadSpec:
     ``hf``), ``norm``/``post_layers`` where the weights cannot tell the scheme, ``dtype`` (default: as
     stored) and ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``). ``stream``: one decoder layer's
     weights in memory at a time (:mod:`gpas_probe.profile.streamed`), for models larger than memory;
-    ``threads``: CPU intra-op threads, 0 = chosen for the model and the free cores (:mod:`gpas_probe.threads`)."""
+    ``threads``: CPU intra-op threads, 0 = as many as cores are free, re-checked during the run
+    (:mod:`gpas_probe.threads`)."""
 
     backend: str = "auto"
     norm: str | None = None
