@@ -175,6 +175,13 @@ def _norms_per_family(family: Family) -> int:
     return 4 if family is Family.SANDWICH else 2
 
 
+def check_threads(threads: int) -> int:
+    """``threads`` if it is a valid CPU thread count (0: chosen from the free cores), else a ValueError."""
+    if threads < 0:
+        raise ValueError(f"threads must be 0 (choose) or positive, got {threads}")
+    return threads
+
+
 @dataclass
 class TrainConfig:
     """How to train: optimizer, schedule, data, checkpoints. Defaults suit a CPU run."""
@@ -202,8 +209,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
-        if self.threads < 0:
-            raise ValueError(f"threads must be 0 (choose) or positive, got {self.threads}")
+        check_threads(self.threads)
         for name in ("steps", "batch_size", "seq_len"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from gpas_probe.config import check_threads
+
 log = logging.getLogger(__name__)
 
 
@@ -84,9 +86,7 @@ class ThreadPolicy:
     :meth:`check` at most every ``every_s`` seconds; on a GPU device it does nothing."""
 
     def __init__(self, threads: int = 0, device: torch.device | str = "cpu", every_s: float = 5.0) -> None:
-        if threads < 0:
-            raise ValueError(f"threads must be 0 (choose) or positive, got {threads}")
-        self.threads, self.every_s = threads, every_s
+        self.threads, self.every_s = check_threads(threads), every_s
         self.active = torch.device(device).type == "cpu"
         self._last = time.monotonic()
         self._pending: int | None = None

@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from gpas_probe.checkpoints import BACKENDS
+from gpas_probe.config import check_threads
 
 
 @dataclass(frozen=True)
@@ -54,8 +55,7 @@ class LoadSpec:
     def __post_init__(self) -> None:
         if self.backend not in BACKENDS:
             raise ValueError(f"unknown backend {self.backend!r}; choose one of {', '.join(BACKENDS)}")
-        if self.threads < 0:
-            raise ValueError(f"threads must be 0 (choose) or positive, got {self.threads}")
+        check_threads(self.threads)
         if self.stream and self.backend == "hf":
             raise ValueError("streaming profiles natively loaded checkpoints only, not with the hf backend")
 
