@@ -80,9 +80,9 @@ class LayerCapture:
     def _gradient(self, layer: int, grad: torch.Tensor) -> None:
         before, after = self.states[layer], self.states[layer + 1]
         assert before is not None and after is not None
-        dot = (grad * (before - after)).sum(-1, dtype=torch.float64).sum(-1)  # (B,): every position
+        dot = first_order_delta(grad, before, after, self.scale)
         previous = self.estimates[layer]
-        self.estimates[layer] = dot * self.scale if previous is None else previous + dot * self.scale
+        self.estimates[layer] = dot if previous is None else previous + dot
 
     @property
     def complete(self) -> bool:
@@ -100,6 +100,14 @@ class LayerCapture:
                 raise ValueError(f"decoder layer {j} returned no (batch, seq, hidden) states")
             x = out
         return x
+
+
+def first_order_delta(grad: torch.Tensor, before: torch.Tensor, after: torch.Tensor,
+                      scale: float = 1.0) -> torch.Tensor:
+    """The first-order change of each sequence's loss (B,) when a layer whose input is ``before`` and output
+    ``after`` is deleted: ``grad`` (at its output) dotted with ``before - after`` over every position,
+    times ``scale`` (:class:`LayerCapture`)."""
+    return (grad * (before - after)).sum(-1, dtype=torch.float64).sum(-1) * scale
 
 
 def _wide(logits: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,7 @@ import torch
 from torch import nn
 
 from gpas_probe.analysis.importance import head_of
-from gpas_probe.analysis.passes import Head, add_pass, loss_per_sequence, summed_loss
+from gpas_probe.analysis.passes import Head, add_pass, first_order_delta, loss_per_sequence, summed_loss
 from gpas_probe.analysis.streaming import unpack_batch
 from gpas_probe.checkpoints import read_config, resolve_checkpoint
 from gpas_probe.checkpoints.foreign import config_from_hf
@@ -221,8 +221,9 @@ def profile_streamed(sc: StreamedCheckpoint, data: EvalData, config: ProfileConf
                 x = states[layer][b].detach().requires_grad_()
                 with torch.enable_grad():
                     block(x, cos, sin).backward(grads[b])
-                estimates[layer].append((grads[b] * (states[layer][b] - states[layer + 1][b]))
-                                        .sum(-1, dtype=torch.float64).sum(-1) * n_targets)
+                if measure.estimate:
+                    estimates[layer].append(first_order_delta(grads[b], states[layer][b], states[layer + 1][b],
+                                                              n_targets))
                 below.append(x.grad)
             if measure.activations:
                 grad_sq += sum(_sq(p.grad) for p in block.parameters())
