@@ -75,11 +75,6 @@ def to_long(df: pd.DataFrame, run_id: str, step: int | None = None) -> pd.DataFr
         for stat, column in (("deletion_delta", "delta"), ("deletion_delta_lo", "delta_lo"),
                              ("deletion_delta_hi", "delta_hi"), ("deletion_loss", "loss_deleted")):
             add(df["layer"], IMPORTANCE_SITE, stat, df[column], steps)
-        base = pd.DataFrame({"step": steps, "base_loss": df["base_loss"]}).drop_duplicates("step")
-        add(pd.Series(MODEL_LAYER, index=base.index), MODEL_SITE, "val_loss", base["base_loss"], base["step"])
-    elif cols == {"layer", "base_loss"}:
-        base = pd.DataFrame({"step": steps, "base_loss": df["base_loss"]}).drop_duplicates("step")
-        add(pd.Series(MODEL_LAYER, index=base.index), MODEL_SITE, "val_loss", base["base_loss"], base["step"])
     elif cols == set(ESTIMATE_COLUMNS):
         for stat, column in (("deletion_estimate", "estimate"), ("deletion_estimate_lo", "estimate_lo"),
                              ("deletion_estimate_hi", "estimate_hi")):
@@ -94,8 +89,11 @@ def to_long(df: pd.DataFrame, run_id: str, step: int | None = None) -> pd.DataFr
                              ("angular_distance_hi", "distance_hi"), ("angular_distance_norm", "distance_norm")):
             if column in cols:
                 add(df["layer"], site, stat, df[column], steps)
-    else:
+    elif cols != {"layer", "base_loss"}:  # a pass without exact deletion: its base loss alone
         raise ValueError(f"not a layer-importance frame: columns {sorted(df.columns)}")
+    if "base_loss" in cols:  # the full model's loss, once per step
+        base = pd.DataFrame({"step": steps, "base_loss": df["base_loss"]}).drop_duplicates("step")
+        add(pd.Series(MODEL_LAYER, index=base.index), MODEL_SITE, "val_loss", base["base_loss"], base["step"])
     out = pd.concat(parts, ignore_index=True)
     out["run_id"] = run_id
     out["direction"] = "none"
