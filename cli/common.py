@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from gpas_probe.distributed import DistContext, mark_quiet
+from gpas_probe.errors import first_line
 from gpas_probe.interrupt import Interrupted
 from gpas_probe.store import load_runs, run_writer
 
@@ -33,12 +34,6 @@ F = TypeVar("F", bound=Callable[..., Any])
 def fail(message: str, code: int = 2) -> None:
     err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
-
-
-def error_line(e: BaseException) -> str:
-    """The one line an error is reported with."""
-    msg = str(e).strip()
-    return msg.splitlines()[0] if msg else type(e).__name__
 
 
 def _out_of_memory(e: BaseException) -> bool:
@@ -58,7 +53,7 @@ def system_error_line(e: BaseException) -> str | None:
     """The one line for running out of memory or a failing system call (full or read-only disk, no
     permission), or None for other errors."""
     if _out_of_memory(e):
-        return (f"out of memory ({error_line(e)}); try a smaller --batch-size or --seq-len"
+        return (f"out of memory ({first_line(e)}); try a smaller --batch-size or --seq-len"
                 + (" (or --device cpu)" if "cuda" in str(e).lower() else ""))
     if isinstance(e, OSError) and e.errno is not None and e.strerror:
         where = f"{e.filename}: " if e.filename else ""
@@ -88,7 +83,7 @@ def friendly_errors(fn: F) -> F:
             line = system_error_line(e)
             if line is None and not isinstance(e, USER_ERRORS):
                 raise
-            fail(line or error_line(e))
+            fail(line or first_line(e))
 
     return wrapper  # type: ignore[return-value]
 
@@ -112,7 +107,7 @@ def reported_by_rank0(ctx: DistContext) -> Iterator[None]:
         yield
     except USER_ERRORS as e:
         if ctx.distributed and getattr(e, "shared", False) and not getattr(e, "quiet", False):
-            err_console.print(f"[bold red]error:[/] {escape(error_line(e))}", highlight=False, soft_wrap=True)
+            err_console.print(f"[bold red]error:[/] {escape(first_line(e))}", highlight=False, soft_wrap=True)
             mark_quiet(e)
         raise
 

@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from gpas_probe.data import BYTE_VOCAB, builtin_corpus, load_tokens
+from gpas_probe.errors import first_line
 from gpas_probe.extras import require
 from gpas_probe.model import IGNORE_INDEX
 
@@ -65,8 +66,7 @@ def load_tokenizer(tokenizer: Any) -> tuple[Any, str]:
     try:
         return tokenizers.Tokenizer.from_file(str(p)), str(p)
     except Exception as e:  # the tokenizers package raises plain Exception on bad files
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{p}: not a readable {TOKENIZER_FILE} ({first})") from None
+        raise ValueError(f"{p}: not a readable {TOKENIZER_FILE} ({first_line(e)})") from None
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
+from gpas_probe.errors import first_line
 from gpas_probe.evaldata import TOKENIZER_FILE
 from gpas_probe.hf.gguf import gguf_config, gguf_file, gguf_tokenizer
 from gpas_probe.jsonfile import read_object
@@ -30,12 +31,6 @@ SAFE_NAME, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_NAME, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 #: The file our own checkpoints hold their weights in.
 WEIGHTS_NAME = SAFE_NAME
-
-
-def first_line(e: BaseException) -> str:
-    """The first line of an error's message (its class name when it has none)."""
-    lines = str(e).strip().splitlines()
-    return lines[0] if lines else type(e).__name__
 
 
 def read_config(path: str | Path) -> dict[str, Any]:

@@ -17,9 +17,10 @@ from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from gpas_probe.atomic import publish_dir, temporary_dir
-from gpas_probe.checkpoints.files import CONFIG_NAME, WEIGHTS_NAME, first_line, read_weights
+from gpas_probe.checkpoints.files import CONFIG_NAME, WEIGHTS_NAME, read_weights
 from gpas_probe.checkpoints.layout import assign_weights, hf_config, parameter_map
 from gpas_probe.config import ModelConfig
+from gpas_probe.errors import first_line
 from gpas_probe.model import Transformer, build_model
 
 log = logging.getLogger(__name__)

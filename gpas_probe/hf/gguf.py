@@ -28,16 +28,13 @@ import torch
 from torch import nn
 
 from gpas_probe.atomic import write_text_atomic
+from gpas_probe.errors import first_line
 from gpas_probe.extras import require
 from gpas_probe.hf.loading import load_hf_causal_lm, quiet, require_transformers
 
 log = logging.getLogger(__name__)
 
 GGUF_SUFFIX, GGUF_MAGIC = ".gguf", b"GGUF"
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip() or type(e).__name__).splitlines()[0]
 
 
 def require_gguf() -> ModuleType:
@@ -84,9 +81,9 @@ def _info(key: tuple[str, int, int]) -> GGUFInfo:  # errors are not cached: rais
         reader = gguf.GGUFReader(file)
     except (ValueError, OSError, KeyError, IndexError) as e:
         if "GGMLQuantizationType" in str(e):  # a type id this gguf does not know
-            raise ValueError(f"{file}: unsupported quantisation type ({_first_line(e)}; gguf "
+            raise ValueError(f"{file}: unsupported quantisation type ({first_line(e)}; gguf "
                              f"{getattr(gguf, '__version__', '')} does not know it)") from None
-        raise ValueError(f"{file}: not a readable GGUF file ({_first_line(e)})") from None
+        raise ValueError(f"{file}: not a readable GGUF file ({first_line(e)})") from None
     arch, tokens = reader.fields.get("general.architecture"), reader.fields.get("tokenizer.ggml.tokens")
     if arch is None:
         raise ValueError(f"{file}: not a model GGUF file (no general.architecture in its metadata)")
@@ -123,7 +120,7 @@ def _config(key: tuple[str, int, int]) -> dict[str, Any]:
         if isinstance(e, KeyError) or any(s in str(e) for s in ("not supported", "Unrecognized")):
             raise ValueError(f"{file}: the file declares architecture {info.architecture!r}, which transformers "
                              f"{transformers.__version__} cannot read from GGUF (unsupported architecture)") from None
-        raise ValueError(f"{file}: transformers cannot read its configuration ({_first_line(e)})") from None
+        raise ValueError(f"{file}: transformers cannot read its configuration ({first_line(e)})") from None
     cfg = json.loads(json.dumps(config.to_dict(), default=str))
     cfg["gguf"] = {"file": file.name, "architecture": info.architecture, "tensor_types": list(info.tensor_types)}
     return cfg
@@ -188,7 +185,7 @@ def gguf_tokenizer(file: str | Path) -> Path | None:
                                                              local_files_only=True)
         spec = json.loads(tok.backend_tokenizer.to_str())
     except Exception as e:  # the converters raise many kinds; any of them means no tokenizer
-        raise ValueError(f"{file}: transformers cannot build its tokenizer ({_first_line(e)}); "
+        raise ValueError(f"{file}: transformers cannot build its tokenizer ({first_line(e)}); "
                          f"give a tokenizer.json") from None
     added = spec.get("added_tokens", [])
     spec["added_tokens"] = [t for t in added if t["id"] < info.tokens]
