@@ -5,8 +5,8 @@ equals the uninterrupted run's, and so do the final weights, bit for bit.
 
 The signal comes from a timer armed right after a random step's progress report, a random fraction of a
 step later: it lands in that step's checkpoint (written after the report) or anywhere in the next step
-(forward, backward, optimizer, probe rows, a checkpoint being written). A run stopped before its first checkpoint cannot be resumed (one line says so) and is
-started again with --overwrite.
+(forward, backward, optimizer, probe rows, a checkpoint being written). A run stopped before its first
+checkpoint cannot be resumed (one line says so) and is started again with --overwrite.
 """
 
 from __future__ import annotations
