@@ -17,12 +17,12 @@ def _rows(run: str, step: int, layer, site: str, direction: str, stat: str, valu
 
 def table(run: str = "r", step: int = 100, *, var=None, ratio=None, grad=None, deletion=None, angular=None,
           influence=None, loss: float = 3.0, half_width=None, tokens: float | None = None,
-          var_robust=None) -> pd.DataFrame:
+          var_robust=None, num_layers: int = L) -> pd.DataFrame:
     """A long table with the given per-layer evidence (None leaves a signal out) and a model loss row.
     ``half_width`` adds 95% bounds ``value ± half_width`` to deletion, angular distance and block influence
     (a profile's); ``tokens`` a model-level evaluation token count; ``var_robust`` the variance without
-    outlier tokens."""
-    layers = np.arange(L)
+    outlier tokens; ``num_layers`` how many layers the evidence covers (``L`` unless given)."""
+    layers = np.arange(num_layers)
     parts = [_rows(run, step, -1, "model", "none", "loss", [loss])]
     if tokens is not None:
         parts.append(_rows(run, step, -1, "model", "none", "tokens", [tokens]))
@@ -39,7 +39,7 @@ def table(run: str = "r", step: int = 100, *, var=None, ratio=None, grad=None, d
         parts.append(_rows(run, step, layers, "resid_post", "fwd", "var_robust", var_robust))
     if var is not None:
         parts.append(_rows(run, step, layers, "resid_post", "fwd", "var", var))
-        parts.append(_rows(run, step, layers, "resid_post", "bwd", "var", np.full(L, 1e-6)))  # must be ignored
+        parts.append(_rows(run, step, layers, "resid_post", "bwd", "var", np.full(num_layers, 1e-6)))  # must be ignored
     if ratio is not None:  # attn and mlp straddle the given mean
         parts.append(_rows(run, step, layers, "attn", "fwd", "shortcut_branch_ratio", np.asarray(ratio) * 0.8))
         parts.append(_rows(run, step, layers, "mlp", "fwd", "shortcut_branch_ratio", np.asarray(ratio) * 1.2))
@@ -50,7 +50,7 @@ def table(run: str = "r", step: int = 100, *, var=None, ratio=None, grad=None, d
     if angular is not None:
         parts.append(_rows(run, step, layers, "angular_n1", "none", "angular_distance", angular))
         parts.append(_rows(run, step, layers[:-1], "angular_n2", "none", "angular_distance",
-                           np.full(L - 1, 0.001)))  # other block sizes must be ignored
+                           np.full(num_layers - 1, 0.001)))  # other block sizes must be ignored
     if influence is not None:
         parts.append(_rows(run, step, layers, "importance", "none", "block_influence", influence))
     return pd.concat(parts, ignore_index=True)

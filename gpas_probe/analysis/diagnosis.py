@@ -3,7 +3,8 @@
 The paper's framing (DESIGN §8): in a Pre-LN Transformer the residual stream's variance grows with
 depth, so in deep layers the shortcut drowns the sub-layer's output; such a layer moves the stream little
 and deleting it costs little loss. The evidence (:mod:`gpas_probe.analysis.evidence`) is read at one
-step per signal (``step=`` if given, else the last step each was recorded).
+step per signal (``step=`` if given, else the last step each was recorded); a ``step=`` without per-layer
+rows is a ValueError naming the steps that have them.
 
 **Causal evidence decides.** A profile measures the loss increase when each layer is deleted
 (``deletion``) and the angle each layer turns the stream by (``angular``), each with its 95% interval.
@@ -25,16 +26,28 @@ profiles) the values count as exact.
 run), then by vote and said so: ``variance`` (the layer's output variance over layer 0's, above
 ``max_var_rel``), ``ratio`` (shortcut/branch RMS, above ``max_ratio``) and ``grad`` (parameter
 gradient norm over the shallow half's median, below ``min_grad_rel``) fire, each read without outlier
-tokens where recorded; a layer is underused when ``min_flags`` fire (default: at least half of those
-available, and at least two).
+tokens where recorded; a layer is underused when ``min_flags`` of them fire (default: at least half of
+the available signals and at least 2 (all of them when fewer than 2 are available)).
 
 **Verdict.** Of the deep half (layers ``L // 2 .. L - 1``) at least ``need = ceil(min_fraction × deep)``
 layers must be underused for ``'underuse'``; if even counting every inconclusive deep layer as underused
 stays below ``need`` it is ``'ok'``; otherwise ``'inconclusive'``, with how many evaluation tokens would
 settle it (the intervals narrow as ``1 / sqrt(tokens)``). ``'insufficient data'`` without per-layer
-evidence. Findings (sink tokens and massive activations, :mod:`gpas_probe.analysis.findings`) are
-reported beside the verdict; the variance growth fit ``log var_l = a + b·l`` and the deep-quarter ratio
-describe the model.
+evidence (``summary["reason"]`` says why). Findings (sink tokens and massive activations,
+:mod:`gpas_probe.analysis.findings`) are reported beside the verdict; the variance growth fit
+``log var_l = a + b·l`` (over at least 3 layers; else no fit and ``summary["growth_missing"]`` says why)
+and the deep-quarter ratio describe the model (:mod:`gpas_probe.analysis.growth`).
+
+**Models under 3 layers.** Underuse of the deep half is judged against the shallow half. With one layer
+there is no shallow half: ``'insufficient data'`` ("1 layer: too few to compare shallow and deep
+layers"). With two, the deep half is layer 1 and the shallow half layer 0 alone: variance relative to
+layer 0 and gradient relative to the shallow half compare one layer with its one neighbour (and layer 0
+is often unlike the rest), with no depth to grow over, so both count as missing ("2 layers: too few to
+compare shallow and deep layers") and no correlational vote decides: a training run of 2 layers is
+``'insufficient data'`` for that reason. Causal evidence still decides a 2-layer model: layer 1's
+deletion cost (or angle) is a measurement, held against the absolute floor (and the two layers' median),
+not a comparison with a reference layer. A signal is in ``signals_used`` or in ``signals_missing`` (with
+why), never both.
 """
 
 from __future__ import annotations
@@ -52,12 +65,14 @@ from gpas_probe.analysis.evidence import (
     INFLUENCE,
     SIGNALS,
     Evidence,
+    check_step,
     estimate_agreement,
     model_value,
     read,
     read_angular,
 )
 from gpas_probe.analysis.findings import massive_activations
+from gpas_probe.analysis.growth import MIN_LAYERS, growth_summary
 from gpas_probe.store.schema import check_table
 
 log = logging.getLogger(__name__)
@@ -65,6 +80,8 @@ log = logging.getLogger(__name__)
 SIGNAL_NAMES = tuple(s.name for s in SIGNALS)
 VERDICTS = ("underuse", "ok", "inconclusive", "insufficient data")
 STATUSES = ("underused", "used", "inconclusive", "no evidence")
+#: The correlational vote's default count, in words (the rule of :meth:`Thresholds.needed`).
+VOTE_RULE = "at least half of the available signals and at least 2 (all of them when fewer than 2 are available)"
 
 
 @dataclass
@@ -79,7 +96,8 @@ class Thresholds:
     - ``max_ratio = 10.0``: the shortcut's RMS is over 10× the branch's (a branch then turns the stream
       by at most ~6°; a stream that merely sums ``l`` equal branches has a ratio near ``sqrt(l)``);
     - ``min_grad_rel = 0.5``: the layer's gradient norm is under half the shallow half's median;
-    - ``min_flags = None``: the correlational vote's count (default: half of those available, at least 2);
+    - ``min_flags = None``: how many correlational signals must fire (default: at least half of the available
+      signals and at least 2 (all of them when fewer than 2 are available));
     - ``min_fraction = 0.25``: the share of the deep half that must be underused.
     """
 
@@ -108,7 +126,9 @@ class Thresholds:
             raise ValueError("threshold min_deletion must be a number, got nan")
 
     def needed(self, available: int) -> int:
-        """How many of ``available`` correlational signals must fire for a layer to count as underused."""
+        """How many of ``available`` correlational signals must fire for a layer to count as underused:
+        ``min_flags`` if set, else at least half of the available signals and at least 2 (all of them when
+        fewer than 2 are available), ``min(available, max(2, ceil(available / 2)))``."""
         if self.min_flags is not None:
             return self.min_flags
         return min(available, max(2, math.ceil(available / 2)))
@@ -124,9 +144,9 @@ class Diagnosis:
     ``layers``: one row per layer: the causal evidence with its bounds (``deletion_delta``,
     ``deletion_lo``, ``deletion_hi``, ``angular`` ...), the correlational evidence and its ``flag_*``,
     ``status`` (:data:`STATUSES`) and what decided it (``decided_by``). ``summary``: what decided the
-    verdict, the confidence, the advice when inconclusive, the findings, the signals used and missing,
-    the steps read, the thresholds and the model-level numbers (see the module doc).
-    """
+    verdict (or, for ``'insufficient data'``, why not: ``reason``), the confidence, the advice when
+    inconclusive, the findings, the signals used and missing (never both), the steps and statistics read
+    (of the signals used), the thresholds and the model-level numbers (see the module doc)."""
 
     run_id: str
     verdict: str
@@ -158,21 +178,6 @@ def _json_value(v: Any) -> Any:
     if v is None or v is pd.NA:
         return None
     return str(v) if not isinstance(v, str) else v
-
-
-def fit_growth(layers: np.ndarray, var: np.ndarray) -> tuple[float, float, float]:
-    """Least-squares ``log(var) = a + b·layer`` over positive finite values: ``(b, a, r2)``, NaN below 2 points."""
-    layers, var = np.asarray(layers, dtype=float), np.asarray(var, dtype=float)
-    ok = np.isfinite(var) & (var > 0)
-    x, y = layers[ok], np.log(var[ok])
-    if len(np.unique(x)) < 2:
-        return math.nan, math.nan, math.nan
-    design = np.stack([np.ones_like(x), x], axis=1)
-    (a, b), *_ = np.linalg.lstsq(design, y, rcond=None)
-    resid = y - (a + b * x)
-    total = float(((y - y.mean()) ** 2).sum())
-    r2 = 1.0 - float((resid ** 2).sum()) / total if total > 0 else 1.0
-    return float(b), float(a), r2
 
 
 # ------------------------------------------------------------------------------------------ the rule
@@ -234,7 +239,8 @@ def diagnose(data: pd.DataFrame, thresholds: Thresholds | None = None, step: int
     """The underuse verdict of one run of the long probe table (see the module doc for the rule).
 
     ``run`` picks a run when ``data`` holds several (or use :func:`diagnose_runs`). ``step`` reads
-    every signal at that step; by default each signal at the last step it was recorded."""
+    every signal at that step (a ValueError naming the recorded steps when it has no per-layer rows); by
+    default each signal at the last step it was recorded."""
     check_table(data)
     th = thresholds or Thresholds()
     present = [str(r) for r in pd.unique(data["run_id"])]
@@ -245,6 +251,8 @@ def diagnose(data: pd.DataFrame, thresholds: Thresholds | None = None, step: int
     elif str(run) not in present:
         raise ValueError(f"run {run!r} is not in the data; runs present: {present}")
     data = data[np.asarray(data["run_id"].astype(str) == str(run), dtype=bool)]
+    if step is not None:
+        check_step(data, step, str(run))
 
     ev = {s.name: read(data, s, step) for s in SIGNALS if s.name != "angular"}
     ev["angular"] = read_angular(data, step)
@@ -253,6 +261,7 @@ def diagnose(data: pd.DataFrame, thresholds: Thresholds | None = None, step: int
     idx = pd.Index(layers)
     table = pd.DataFrame({"layer": np.asarray(layers, dtype=int)})
     num_layers = (max(layers) + 1) if layers else 0
+    too_few = f"{num_layers} layer{'' if num_layers == 1 else 's'}: too few to compare shallow and deep layers"
 
     def col(series: pd.Series) -> np.ndarray:
         return series.reindex(idx).to_numpy(dtype=float) if not series.empty else np.full(len(idx), np.nan)
@@ -269,10 +278,15 @@ def diagnose(data: pd.DataFrame, thresholds: Thresholds | None = None, step: int
     shallow = [layer for layer in layers if layer < num_layers // 2]
     shallow_grad = ev["grad"].value.reindex(shallow).median() if shallow else math.nan
     table["grad_rel"] = table["grad_norm"] / shallow_grad if shallow_grad and shallow_grad > 0 else math.nan
+    if num_layers < MIN_LAYERS:  # no meaningful reference (module doc)
+        for name, column in (("variance", "var_rel"), ("grad", "grad_rel")):
+            table[column] = math.nan
+            if ev[name].available:
+                missing[name] = too_few
     if ev["variance"].available and table["var_rel"].isna().all():
-        missing["variance"] = "no positive variance at layer 0 to compare with"
+        missing.setdefault("variance", "no positive variance at layer 0 to compare with")
     if ev["grad"].available and table["grad_rel"].isna().all():
-        missing["grad"] = "no positive gradient norm in the shallow half to compare with"
+        missing.setdefault("grad", "no positive gradient norm in the shallow half to compare with")
     used = [s.name for s in SIGNALS if s.name not in missing]
     voted = _vote(table, th, used)
 
@@ -296,7 +310,7 @@ def diagnose(data: pd.DataFrame, thresholds: Thresholds | None = None, step: int
         table["decided_value"], table["decided_tau"] = table[value_col], taus[causal]
         table["decided_lo"] = table[f"{causal}_lo"].fillna(table[value_col])
         table["decided_hi"] = table[f"{causal}_hi"].fillna(table[value_col])
-    elif any(name in used for name in ("variance", "ratio", "grad")):
+    elif num_layers >= MIN_LAYERS and any(name in used for name in ("variance", "ratio", "grad")):
         has = table["signals"] > 0
         table.loc[has, "status"] = np.where(voted[has], "underused", "used")
         table.loc[has, "decided_by"] = "correlational"
@@ -309,8 +323,14 @@ def diagnose(data: pd.DataFrame, thresholds: Thresholds | None = None, step: int
     need = max(1, math.ceil(th.min_fraction * n_deep))
     tokens = model_value(data, "tokens", ev["deletion"].step if causal == "deletion" else step)
     sequences = model_value(data, "sequences", ev["deletion"].step if causal == "deletion" else step)
-    advice, advised_tokens = None, None
-    if num_layers < 2 or not used or (table["status"] == "no evidence").all():
+    advice, advised_tokens, reason = None, None, None
+    if not used:
+        reason = "no per-layer signal recorded"
+    elif num_layers < 2 or (num_layers < MIN_LAYERS and causal is None):
+        reason = too_few
+    elif (table["status"] == "no evidence").all():
+        reason = "no layer has evidence"
+    if reason is not None:
         verdict = "insufficient data"
     elif n_under >= need:
         verdict = "underuse"
@@ -320,11 +340,6 @@ def diagnose(data: pd.DataFrame, thresholds: Thresholds | None = None, step: int
         verdict = "inconclusive"
         advice, advised_tokens = _advice(table, deep, tokens)
 
-    var = ev["variance"].value
-    b, a, r2 = fit_growth(var.index.to_numpy(), var.to_numpy()) if not var.empty else (math.nan,) * 3
-    ratio = ev["ratio"].value
-    first_deep_quarter = num_layers - math.ceil(num_layers / 4)
-    deep_ratio = float(ratio[ratio.index >= first_deep_quarter].mean()) if not ratio.empty else math.nan
     decided = causal or ("correlational" if verdict != "insufficient data" else None)
     finding = massive_activations(data, step)
     summary = {
@@ -334,6 +349,7 @@ def diagnose(data: pd.DataFrame, thresholds: Thresholds | None = None, step: int
         "inconclusive_layers": [int(x) for x in table.loc[table["status"] == "inconclusive", "layer"]],
         "fraction_underused": n_under / n_deep if n_deep else math.nan,
         "layers_needed": need,
+        "reason": reason,
         "decided_by": decided,
         "causal": causal is not None,
         "confidence": {"level": 0.95, "intervals": bool(causal and ev[causal].has_intervals),
@@ -343,21 +359,17 @@ def diagnose(data: pd.DataFrame, thresholds: Thresholds | None = None, step: int
         "thresholds_used": taus,
         "findings": {"massive_activations": finding} if finding else {},
         "estimate_agreement": estimate_agreement(data, step),
-        "growth_rate": b,
-        "growth_factor": math.exp(b) if math.isfinite(b) else math.nan,
-        "growth_intercept": a,
-        "growth_r2": r2,
-        "deep_ratio": deep_ratio,
+        **growth_summary(ev["variance"].value, ev["ratio"].value, num_layers),
         "signals_used": used,
         "signals_missing": missing,
-        "statistics_read": {name: e.stat for name, e in ev.items() if e.available},
+        "statistics_read": {name: ev[name].stat for name in used},
         "angular_source": ev["angular"].stat if "angular" in used else None,
         "flags_needed": th.needed(len([s for s in used if s in ("variance", "ratio", "grad")]) or 1),
-        "steps": {name: e.step for name, e in ev.items() if e.available},
+        "steps": {name: ev[name].step for name in used},
         "thresholds": th.to_dict(),
     }
     if missing:
-        log.info("run %s: signals not recorded: %s", run, ", ".join(f"{k} ({v})" for k, v in missing.items()))
+        log.info("run %s: signals not used: %s", run, ", ".join(f"{k} ({v})" for k, v in missing.items()))
     return Diagnosis(run_id=str(run), verdict=verdict, layers=table, summary=summary)
 
 

@@ -8,11 +8,13 @@ the layer's output), ``ratio`` (shortcut/branch) and ``grad`` (parameter gradien
 the first of its statistics present: the robust ones (without outlier tokens, see
 :mod:`gpas_probe.probes.outliers`) before the raw ones, so that a sink token cannot dominate them.
 Intervals come from the ``_lo``/``_hi`` rows a profile writes; without them a value is a point estimate.
+A step asked for must have per-layer rows (:func:`check_step`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +24,8 @@ from gpas_probe.store.schema import IMPORTANCE_SITE, MODEL_LAYER, MODEL_SITE
 from gpas_probe.table import layer_rows, select
 
 CAUSAL, CORRELATIONAL = "causal", "correlational"
+#: Up to this many steps are listed one by one in messages; more are given as ``first..last (n steps)``.
+FEW_STEPS = 8
 
 
 @dataclass(frozen=True)
@@ -135,3 +139,27 @@ def model_value(data: pd.DataFrame, stat: str, step: int | None) -> float:
     chosen = int(rows["step"].max()) if step is None else int(step)
     at = rows[rows["step"].to_numpy() == chosen]
     return float(at["value"].mean()) if len(at) else math.nan
+
+
+def steps_text(steps: Iterable[int]) -> str:
+    """Steps for a message: ``'10, 20, 30'`` when there are at most :data:`FEW_STEPS`, else
+    ``'1..300 (21 steps)'``; ``'none'`` when there are none."""
+    steps = sorted({int(s) for s in steps})
+    if not steps:
+        return "none"
+    if len(steps) <= FEW_STEPS:
+        return ", ".join(str(s) for s in steps)
+    return f"{steps[0]}..{steps[-1]} ({len(steps)} steps)"
+
+
+def check_step(data: pd.DataFrame, step: int, run: str) -> None:
+    """Raise a one-line ValueError unless one run's table has per-layer rows at ``step``, naming the steps
+    that have them (and calling them the recorded steps when no other step was recorded)."""
+    layered = {int(s) for s in pd.unique(layer_rows(data)["step"])}
+    if int(step) in layered:
+        return
+    recorded = {int(s) for s in pd.unique(data["step"])}
+    listed = "recorded steps" if recorded == layered else "steps with per-layer rows"
+    if int(step) not in recorded:
+        raise ValueError(f"step {step} was not recorded in {run}; {listed}: {steps_text(layered)}")
+    raise ValueError(f"step {step} of {run} has only model-level rows; {listed}: {steps_text(layered)}")

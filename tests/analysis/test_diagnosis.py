@@ -25,8 +25,8 @@ from gpas_probe.analysis.diagnosis import (
     Thresholds,
     diagnose,
     diagnose_runs,
-    fit_growth,
 )
+from gpas_probe.analysis.growth import fit_growth
 from gpas_probe.probes import ProbeConfig
 from gpas_probe.store import ARROW_SCHEMA, load_run
 
@@ -71,6 +71,8 @@ def test_growth_fit_matches_polyfit() -> None:
     keep = np.arange(L) != 3
     assert b == pytest.approx(np.polyfit(np.arange(L)[keep], np.log(var[keep]), 1)[0], rel=1e-9)
     assert math.isnan(fit_growth(np.array([0]), np.array([1.0]))[0])
+    assert all(math.isnan(v) for v in fit_growth(np.array([0, 1]), np.array([1.0, 2.0])))  # a line through 2 points
+    assert math.isfinite(fit_growth(np.array([0, 1, 2]), np.array([1.0, 2.0, 3.0]))[0])
 
 
 def _reference(value: np.ndarray, lo: np.ndarray, hi: np.ndarray, absolute: float, relative: float,
@@ -229,14 +231,17 @@ def test_no_per_layer_signal_is_insufficient_data() -> None:
     one_layer = underused_table()
     d = diagnose(one_layer[one_layer["layer"] <= 0])
     assert d.verdict == "insufficient data"
+    assert d.summary["reason"] == "1 layer: too few to compare shallow and deep layers"
 
 
-def test_step_picks_the_evidence_and_absent_steps_are_missing() -> None:
+def test_step_picks_the_evidence_and_signals_absent_there_are_missing() -> None:
     data = pd.concat([underused_table(step=10), healthy_table("sick", step=20)], ignore_index=True)
     assert diagnose(data).verdict == "ok" and diagnose(data).summary["steps"]["ratio"] == 20
     assert diagnose(data, step=10).verdict == "underuse"
-    d = diagnose(data, step=15)
-    assert d.verdict == "insufficient data" and "at step 15" in d.summary["signals_missing"]["ratio"]
+    with pytest.raises(ValueError, match=r"^step 15 was not recorded in sick; recorded steps: 10, 20$"):
+        diagnose(data, step=15)
+    d = diagnose(pd.concat([data, table("sick", 15, deletion=np.full(L, 0.3))]), step=15)
+    assert d.verdict == "ok" and "at step 15" in d.summary["signals_missing"]["ratio"]  # step 15 has deletion only
     mixed = pd.concat([table("m", 10, var=2.0 ** np.arange(L)), table("m", 30, deletion=np.full(L, 0.3))])
     assert diagnose(mixed).summary["steps"] == {"deletion": 30, "variance": 10}  # each at its own last step
 
