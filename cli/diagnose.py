@@ -1,4 +1,9 @@
-"""``gpas-probe diagnose``: a verdict on deep-layer underuse, with the evidence per layer."""
+"""``gpas-probe diagnose``: a verdict on deep-layer underuse, with the evidence per layer.
+
+Into a pipe or a file the evidence table is printed at its natural width and every other line whole,
+so that no number or header is cut or folded; in a terminal the table fits the window, folding cells
+(never an ellipsis).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich.measure import Measurement
 from rich.table import Table
 
-from gpas_probe.analysis.diagnosis import SIGNAL_NAMES, Diagnosis, Thresholds, diagnose_runs
+from gpas_probe.analysis.diagnosis import SIGNAL_NAMES, VOTE_RULE, Diagnosis, Thresholds, diagnose_runs
 from gpas_probe.cli.common import console, friendly_errors, read_runs
 
 _DEFAULTS = Thresholds()
@@ -44,15 +50,17 @@ def _cell(row: object, signal: str, bold: bool) -> str:
     return f"[bold]{text}[/]" if bold and text != "-" else text
 
 
-def _table(d: Diagnosis) -> Table:
+def evidence_table(d: Diagnosis) -> Table:
+    """The evidence per layer of the signals used, with each layer's status; cells fold, never end in an
+    ellipsis, when the table is narrower than its natural width."""
     used = d.summary["signals_used"]
     decided = d.summary["decided_by"]
     table = Table(title=f"{d.run_id}: evidence per layer (bold: what decided; the deep half below the rule)",
                   title_justify="left")
-    table.add_column("layer", justify="right")
+    table.add_column("layer", justify="right", overflow="fold")
     for s in used:
-        table.add_column(_SHOWN[s][1], justify="right")
-    table.add_column("status", justify="left")
+        table.add_column(_SHOWN[s][1], justify="right", overflow="fold")
+    table.add_column("status", justify="left", overflow="fold")
     first_deep = min(d.summary["deep_layers"], default=None)
     for row in d.layers.itertuples(index=False):
         cells = [_cell(row, s, s == decided or (decided == "correlational" and bool(getattr(row, f"flag_{s}"))))
@@ -61,6 +69,18 @@ def _table(d: Diagnosis) -> Table:
         last_shallow = first_deep is not None and row.layer == first_deep - 1
         table.add_row(str(row.layer), *cells, status, end_section=last_shallow)
     return table
+
+
+def _print_table(table: Table) -> None:
+    """In a terminal, fitted to the window; elsewhere at the table's natural width, uncropped."""
+    if not console.is_terminal:
+        table.width = Measurement.get(console, console.options.update_width(1_000_000), table).maximum
+    console.print(table, crop=console.is_terminal)
+
+
+def _say(text: str) -> None:
+    """One line of the report: wrapped to a terminal's window, whole into a pipe or a file."""
+    console.print(text, highlight=False, soft_wrap=not console.is_terminal)
 
 
 def _fmt(v: object) -> str:
@@ -79,28 +99,30 @@ def _confidence(s: dict) -> str:
 def _report(d: Diagnosis) -> None:
     s = d.summary
     if s["signals_used"]:
-        console.print(_table(d))
+        _print_table(evidence_table(d))
     for finding in s["findings"].values():
-        console.print(f"[bold]finding:[/] {finding['text']}", highlight=False)
+        _say(f"[bold]finding:[/] {finding['text']}")
     g = s["growth_factor"]
     if isinstance(g, float) and math.isfinite(g):
-        console.print(f"variance growth: ×{g:.4g} per layer (fit log var = a + b·layer, b = {s['growth_rate']:.4g}, "
-                      f"R² = {_fmt(s['growth_r2'])}); deep-quarter shortcut/branch ratio {_fmt(s['deep_ratio'])}",
-                      highlight=False)
+        growth = (f"×{g:.4g} per layer (fit log var = a + b·layer, b = {s['growth_rate']:.4g}, "
+                  f"R² = {_fmt(s['growth_r2'])})")
+    else:
+        growth = s["growth_missing"]
+    _say(f"variance growth: {growth}; deep-quarter shortcut/branch ratio {_fmt(s['deep_ratio'])}")
     steps = ", ".join(f"{k} @ step {v}" for k, v in s["steps"].items())
     read = ", ".join(f"{k}: {v}" for k, v in s["statistics_read"].items())
-    console.print(f"signals: {steps or 'none'}" + (f" (read: {read})" if read else ""), highlight=False)
+    _say(f"signals: {steps or 'none'}" + (f" (read: {read})" if read else ""))
     for name, why in s["signals_missing"].items():
-        console.print(f"  missing {name}: {why}", highlight=False)
+        _say(f"  missing {name}: {why}")
     if agree := s.get("estimate_agreement"):
-        console.print(f"deletion estimate against exact deletion: Spearman {agree['spearman']:.3f} over "
-                      f"{agree['layers']} layers (step {agree['step']})", highlight=False)
+        _say(f"deletion estimate against exact deletion: Spearman {agree['spearman']:.3f} over "
+             f"{agree['layers']} layers (step {agree['step']})")
     deep = s["deep_layers"]
     n_deep = sum(1 for layer in s["underused_layers"] if layer in deep)
     n_open = sum(1 for layer in s["inconclusive_layers"] if layer in deep)
     style = _VERDICT_STYLE[d.verdict]
     if d.verdict == "insufficient data":
-        detail = "no per-layer signal recorded" if not s["signals_used"] else "fewer than two layers"
+        detail = s["reason"]
     else:
         tau = ", ".join(f"{k} below {v:.3g}" for k, v in s["thresholds_used"].items())
         detail = (f"{n_deep} of {len(deep)} deep layers underused, {n_open} inconclusive (underuse needs "
@@ -110,9 +132,9 @@ def _report(d: Diagnosis) -> None:
         else:
             detail += (" alone: no deletion or angular distance was recorded, so this rests on correlational "
                        "signals; profile a checkpoint (gpas-probe profile) for causal evidence")
-    console.print(f"[{style}]verdict: {d.verdict}[/] — {detail}", highlight=False)
+    _say(f"[{style}]verdict: {d.verdict}[/] — {detail}")
     if s["advice"]:
-        console.print(f"to settle it: {s['advice']}", highlight=False)
+        _say(f"to settle it: {s['advice']}")
 
 
 @friendly_errors
@@ -136,9 +158,9 @@ def diagnose_cmd(
                                                   f"(default {_DEFAULTS.min_angular})...")] = None,
     min_angular_rel: Annotated[float | None, Opt(help="... or below this fraction of the median layer's "
                                                       f"(default {_DEFAULTS.min_angular_rel}).")] = None,
-    min_flags: Annotated[int | None, Opt(help="Without causal evidence (a training run): correlational signals that "
-                                              "must fire for a layer to be underused (default: half of those "
-                                              "recorded, at least 2).")] = None,
+    min_flags: Annotated[int | None, Opt(help="Without causal evidence (a training run): how many correlational "
+                                              "signals must fire for a layer to be underused (default: "
+                                              f"{VOTE_RULE}).")] = None,
     min_fraction: Annotated[float | None, Opt(help="Fraction of the deep half that must be underused for the "
                                                    f"'underuse' verdict (default {_DEFAULTS.min_fraction}).")] = None,
 ) -> None:
