@@ -80,3 +80,57 @@ def line_artists(ax: Axes):
 
 def all_texts(ax: Axes) -> str:
     return " | ".join(t.get_text() for t in ax.texts)
+
+
+def profile_table(runs=("p",), n_layers: int = 5, steps=(10, 20)) -> pd.DataFrame:
+    """Rows in the shape a profile writes: importance (deletion cost, block influence) per layer and step,
+    and the angular distances ``angular_n{n}`` of every block that fits; each value depends on its keys."""
+    rows = []
+    for r, run in enumerate(runs):
+        for step in steps:
+            for layer in range(n_layers):
+                rows.append((run, step, layer, "importance", "none", "deletion_delta",
+                             0.1 * (layer + 1) * (1 + step / 100) + 0.01 * r))
+                rows.append((run, step, layer, "importance", "none", "block_influence", 0.02 * (n_layers - layer) + r))
+                for n in range(1, n_layers - layer + 1):
+                    rows.append((run, step, layer, f"angular_n{n}", "none", "angular_distance",
+                                 0.05 * n + 0.01 * ((layer * 7 + n) % 5) + 0.001 * step))
+    out = pd.DataFrame(rows, columns=["run_id", "step", "layer", "site", "direction", "stat", "value"])
+    return out.astype({"step": "int64", "layer": "int16"})
+
+
+def colorbar_axes(fig) -> list[Axes]:
+    return [ax for ax in fig.axes if ax.get_label() == "<colorbar>"]
+
+
+def panel_axes(fig) -> list[Axes]:
+    return [ax for ax in fig.axes if ax.get_visible() and ax.get_label() != "<colorbar>"]
+
+
+def _long_axis(cax: Axes):
+    """The axis of a colour bar that carries its values (the other one has no ticks)."""
+    return cax.xaxis if len(cax.get_yticks()) == 0 else cax.yaxis
+
+
+def colorbar_range(cax: Axes) -> tuple[float, float]:
+    """The value range of a colour bar: its long axis's limits."""
+    return tuple(float(v) for v in _long_axis(cax).get_view_interval())
+
+
+def colorbar_label(cax: Axes):
+    """The label (a Text) of a colour bar."""
+    return _long_axis(cax).label
+
+
+def colorbar_ticks(cax: Axes) -> list[float]:
+    """The ticks of a colour bar that lie within its range."""
+    lo, hi = sorted(colorbar_range(cax))
+    locs = _long_axis(cax).get_ticklocs()
+    return [float(t) for t in locs if lo - 1e-12 <= t <= hi + 1e-12]
+
+
+def figure_texts(fig) -> str:
+    """Every text of a figure (its own, its suptitle, its Axes' titles, labels and texts)."""
+    from matplotlib.text import Text
+
+    return " | ".join(t.get_text() for t in fig.findobj(Text) if t.get_text())

@@ -19,11 +19,23 @@ STAT_NAMES = {"var": "variance", "rms": "RMS", "absmax": "max |x|", "grad_norm":
               "weight_norm": "weight norm", "update_ratio": "update/weight ratio",
               "scale": "gate scale 1 − SiLU(α)", "alpha": "gate α", "silu_alpha": "SiLU(α)",
               "alpha_grad": "gate gradient ∂L/∂α", "shortcut_branch_ratio": "shortcut/branch RMS ratio",
-              "shortcut_branch_cos": "cos(shortcut, branch)"}
+              "shortcut_branch_cos": "cos(shortcut, branch)", "var_robust": "variance without outlier tokens",
+              "rms_robust": "RMS without outlier tokens", "absmax_robust": "max |x| without outlier tokens"}
+#: The activation statistics the variance and heatmap figures may draw.
+ACTIVATION_STATS = ("var", "rms", "absmax", "var_robust", "rms_robust", "absmax_robust")
 
 
 class MissingDataError(ValueError):
     """The requested rows are not in the table (a ``ValueError``, so callers may catch either)."""
+
+
+class OneStepError(MissingDataError):
+    """A view over steps was asked of rows recorded at one step only; ``panel`` is the short text of the
+    run's panel in a whole figure, naming the figure that draws one step."""
+
+    def __init__(self, message: str, panel: str) -> None:
+        super().__init__(message)
+        self.panel = panel
 
 
 def check_frame(data: pd.DataFrame) -> None:
@@ -95,6 +107,13 @@ def log_y(ax: Axes) -> None:
     ax.set_yscale("log")
     ax.yaxis.set_major_formatter(PlainLogFormatter())
     ax.yaxis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+
+
+def log_x(ax: Axes) -> None:
+    """Log-scale x axis labelled with plain numbers."""
+    ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(PlainLogFormatter())
+    ax.xaxis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
 
 
 def layer_norm(layers: np.ndarray) -> Normalize:

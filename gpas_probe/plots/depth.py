@@ -12,12 +12,15 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.axes import Axes
-from matplotlib.ticker import MaxNLocator
+from matplotlib.scale import SymmetricalLogTransform
+from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from gpas_probe.plots.common import (
     MissingDataError,
+    OneStepError,
     check_frame,
     draw_band,
+    log_x,
     log_y,
     pick_run,
     positive,
@@ -59,8 +62,9 @@ def variance_growth(data: pd.DataFrame, ax: Axes | None = None, *, run: str | No
     band for its 95% interval where a profile recorded one (``var_robust`` has one).
 
     ``steps=None`` picks at most ``max_steps`` recorded steps evenly by rank, first and last included;
-    explicit ``steps`` must all be recorded. Raises ``MissingDataError`` (a ``ValueError``) when the run
-    has no such rows.
+    explicit ``steps`` must all be recorded. The legend, outside the Axes on the right so that it hides no
+    line, is titled with how many of the recorded steps are drawn ("step (8 of 21 recorded)"). Raises
+    ``MissingDataError`` (a ``ValueError``) when the run has no such rows.
     """
     check_frame(data)
     run = pick_run(data, run)
@@ -90,18 +94,53 @@ def variance_growth(data: pd.DataFrame, ax: Axes | None = None, *, run: str | No
     ax.set_title(run)
     ax.grid(True, which="major", alpha=0.3)
     if legend:
-        ax.legend(title="step", fontsize="small", title_fontsize="small", ncols=1 if len(chosen) <= 5 else 2,
-                  loc="best", framealpha=0.8)
+        ax.legend(title=steps_title(len(chosen), len(available)), fontsize="small", title_fontsize="small",
+                  ncols=1 if len(chosen) <= 12 else 2, loc="upper left", bbox_to_anchor=(1.02, 1.0),
+                  borderaxespad=0.0, frameon=False)
     return ax
+
+
+def steps_title(drawn: int, recorded: int) -> str:
+    """The legend title of a line-per-step view: how many of the recorded steps it draws."""
+    if drawn == recorded:
+        return "step (the only one recorded)" if recorded == 1 else f"step (all {recorded} recorded)"
+    return f"step ({drawn} of {recorded} recorded)"
+
+
+def step_axis(steps: Sequence[int]) -> tuple[np.ndarray, str, float]:
+    """Cell edges around each of two or more sorted ``steps`` on a true step axis, its scale and the
+    symmetric-log linear range (0 unless ``symlog``).
+
+    The scale is logarithmic when the gaps between recorded steps differ more than tenfold (a log-spaced
+    schedule): ``log``, or ``symlog`` linear below the first positive step when step 0 was recorded too.
+    Each cell reaches halfway to its neighbours in the axis's own coordinates.
+    """
+    x = np.asarray(steps, dtype=float)
+    gaps = np.diff(x[x > 0]) if len(x) > 2 else np.array([1.0])
+    spaced = len(gaps) > 1 and x[-1] > 0 and gaps.max() >= 10 * gaps.min()
+    scale, linthresh = ("linear", 0.0) if not spaced else (("log", 0.0) if x[0] > 0 else ("symlog", x[1]))
+    if scale == "symlog":
+        fwd = SymmetricalLogTransform(10, linthresh, 1.0)
+        to, back = (lambda v: fwd.transform_non_affine(v)), (lambda v: fwd.inverted().transform_non_affine(v))
+    elif scale == "log":
+        to, back = np.log10, (lambda v: 10.0 ** v)
+    else:
+        to, back = (lambda v: v), (lambda v: v)
+    t = to(x)
+    edges = np.concatenate([[t[0] - (t[1] - t[0]) / 2], (t[1:] + t[:-1]) / 2, [t[-1] + (t[-1] - t[-2]) / 2]])
+    return np.asarray(back(edges), dtype=float), scale, float(linthresh)
 
 
 def variance_heatmap(data: pd.DataFrame, ax: Axes | None = None, *, run: str | None = None,
                      site: str = "resid_post", direction: str = "fwd", stat: str = "var", cmap: str = "magma",
                      vmin: float | None = None, vmax: float | None = None, colorbar: bool = True) -> Axes:
-    """Heatmap of ``log10(stat)`` with layers on y (layer 0 at the bottom) and recorded steps on x.
+    """Heatmap of ``log10(stat)`` with layers on y (layer 0 at the bottom) and training steps on a true x
+    axis: each recorded step's column reaches halfway to its neighbours (:func:`step_axis`), on a log axis
+    when the steps are log-spaced, so wide columns are stretches with no recording.
 
     Non-positive values are left blank. ``vmin``/``vmax`` (in log10 units) fix the colour range, e.g. to
-    compare runs. Raises ``MissingDataError`` when the run has no such rows.
+    compare runs. Raises ``MissingDataError`` when the run has no such rows, or rows at one step only (the
+    variance figure draws one step).
     """
     check_frame(data)
     run = pick_run(data, run)
@@ -109,19 +148,32 @@ def variance_heatmap(data: pd.DataFrame, ax: Axes | None = None, *, run: str | N
     if table.empty:
         raise MissingDataError(f"run {run!r} has no {stat!r} rows at site {site!r}, direction {direction!r}")
     grid = table.pivot(index="layer", columns="step", values="value")
-    logged = np.log10(grid.where(grid > 0))
-    ax = plt.gca() if ax is None else ax
     what = quantity_label(site, direction, stat)
-    every_layer = max(1, math.ceil(grid.shape[0] / 12))  # at most ~12 tick labels per axis
-    every_step = max(1, math.ceil(grid.shape[1] / 12))
-    sns.heatmap(logged, ax=ax, cmap=cmap, vmin=vmin, vmax=vmax, cbar=colorbar, xticklabels=every_step,
-                yticklabels=every_layer, cbar_kws={"label": f"log10 {what}"} if colorbar else None)
-    ax.invert_yaxis()
-    ax.set_xlabel("training step")
+    if grid.shape[1] < 2:
+        step = int(grid.columns[0])
+        raise OneStepError(f"run {run!r} has {what} at one step only ({step:,}); the heatmap needs two or more "
+                           "steps: draw the variance figure (gpas-probe plot variance) for one step",
+                           f"one step only ({step:,}):\ndraw the variance figure")
+    logged = np.log10(grid.where(grid > 0).to_numpy(dtype=float))
+    ax = plt.gca() if ax is None else ax
+    edges, scale, linthresh = step_axis([int(s) for s in grid.columns])
+    rows = np.arange(grid.shape[0] + 1) - 0.5
+    mesh = ax.pcolormesh(edges, rows, np.ma.masked_invalid(logged), cmap=sns.color_palette(cmap, as_cmap=True),
+                         vmin=vmin, vmax=vmax)
+    if scale == "log":
+        log_x(ax)
+    elif scale == "symlog":
+        ax.set_xscale("symlog", linthresh=linthresh)
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+    ax.set_xlim(edges[0], edges[-1])
+    every = max(1, math.ceil(grid.shape[0] / 12))  # at most ~12 layer labels
+    ax.set_yticks(np.arange(grid.shape[0])[::every], [str(layer) for layer in grid.index[::every]])
+    ax.set_ylim(rows[0], rows[-1])
+    if colorbar:
+        ax.figure.colorbar(mesh, ax=ax, label=f"log10 {what}")
+    ax.set_xlabel("training step" + ("" if scale == "linear" else " (log scale)"))
     ax.set_ylabel("layer")
     ax.set_title(run)
-    ax.tick_params(axis="x", labelrotation=45)
-    ax.tick_params(axis="y", labelrotation=0)
     return ax
 
 
@@ -200,9 +252,10 @@ def shortcut_ratio(data: pd.DataFrame, ax: Axes | None = None, *, runs: Iterable
 
 
 def grad_norm(data: pd.DataFrame, ax: Axes | None = None, *, view: str = "params", runs: Iterable[str] | None = None,
-              site: str = "resid_post", last: int = 1, legend: bool = True) -> Axes:
+              site: str = "resid_post", last: int = 1, step: int | None = None, legend: bool = True) -> Axes:
     """Gradient (or activation) size by layer, one line per run, log y, averaged over the last ``last`` steps
-    (with a band where the rows carry bounds: a group of seeds, :func:`~gpas_probe.table.aggregate_runs`).
+    or drawn at ``step`` (with a band where the rows carry bounds: a group of seeds,
+    :func:`~gpas_probe.table.aggregate_runs`).
 
     ``view``: ``'params'`` the per-layer parameter gradient norm; ``'bwd'`` the RMS of the gradient with
     respect to ``site`` (backward view); ``'fwd'`` the RMS of the activation at ``site`` (forward view).
@@ -219,6 +272,11 @@ def grad_norm(data: pd.DataFrame, ax: Axes | None = None, *, view: str = "params
     table = with_bounds(data, stat, ["run_id", "step", "layer"], site=site, direction=direction, run_id=runs)
     ax, colors, missing, steps_by_run = _start(ax, runs)
     for run, rows in _by_run(table, runs, missing):
+        if step is not None:
+            rows = rows[rows["step"] == int(step)]
+            if rows.empty:
+                missing.append(run)
+                continue
         rows, steps_by_run[run] = _last_steps(rows, last)
         profile = rows.groupby("layer", sort=True)[["value", "lo", "hi"]].mean()
         ax.plot(profile.index.to_numpy(), positive(profile["value"].to_numpy()), color=colors[run], marker="o",
@@ -226,7 +284,8 @@ def grad_norm(data: pd.DataFrame, ax: Axes | None = None, *, view: str = "params
         draw_band(ax, profile.index.to_numpy(), profile["lo"], profile["hi"], colors[run])
     what = "parameter gradient norm" if view == "params" else quantity_label(site, direction, stat)
     if not steps_by_run:
-        raise MissingDataError(f"no run has {what} ({stat!r} at {site!r}, {direction!r}); runs: {runs}")
+        where = "" if step is None else f" at step {step}"
+        raise MissingDataError(f"no run has {what} ({stat!r} at {site!r}, {direction!r}){where}; runs: {runs}")
     log_y(ax)
     _layer_axis(ax)
     ax.set_ylabel(f"{what} (log scale)")

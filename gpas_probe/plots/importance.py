@@ -18,10 +18,12 @@ import pandas as pd
 import seaborn as sns
 from matplotlib.axes import Axes
 from matplotlib.colors import Normalize, SymLogNorm
+from matplotlib.patches import Rectangle
 from matplotlib.ticker import FuncFormatter, MaxNLocator
 
 from gpas_probe.plots.common import (
     MissingDataError,
+    OneStepError,
     check_frame,
     pick_run,
     run_colors,
@@ -35,6 +37,9 @@ IMPORTANCE_SITE = "importance"
 IMPORTANCE_STATS = ("deletion_delta", "deletion_loss", "block_influence")
 ANGULAR_PREFIX = "angular_n"
 PROFILE_HINT = "run `gpas-probe profile` first"
+MIN_ROW_CELLS = 3  # the scaled angular view hatches the rows with fewer cells
+ANGULAR_SCALED = "angular distance, min-max scaled within each n"
+ANGULAR_RAW = "angular distance arccos(cos)/π"
 IMPORTANCE_NAMES = {
     "deletion_delta": "loss increase when deleted (nats/token)",
     "deletion_loss": "loss with the layer deleted (nats/token)",
@@ -151,29 +156,60 @@ def _thin(count: int, most: int = 12) -> int:
     return max(1, math.ceil(count / most))
 
 
-def angular_heatmap(data: pd.DataFrame, ax: Axes | None = None, *, run: str | None = None, normalized: bool = True,
-                    step: int | None = None, cmap: str = "viridis", vmin: float | None = None,
-                    vmax: float | None = None, colorbar: bool = True) -> Axes:
-    """Mix-LN-style heatmap: x the start layer ``l``, y the block size ``n`` (1 at the bottom), colour the
-    angular distance ``arccos(cos(h_l, h_{l+n}))/π`` (row-normalized by default); blank where ``l + n > L``.
+def short_rows(grid: pd.DataFrame) -> list[int]:
+    """The block sizes ``n`` of an angular triangle whose row holds fewer than ``MIN_ROW_CELLS`` start
+    layers (``L - n + 1`` of them): min-max scaling a row of one or two values can only give 0 and 1."""
+    num_layers = grid.shape[1]
+    return [int(n) for n in grid.index if num_layers - int(n) + 1 < MIN_ROW_CELLS]
 
-    Dark cells are blocks that barely turn the residual stream: candidates for pruning. Raises
-    ``MissingDataError`` when the run has no angular rows.
+
+def _hatch(ax: Axes, grid: pd.DataFrame, rows: list[int], columns: list[int], num_layers: int) -> None:
+    """Hatch the cells of ``rows`` that exist (``l + n <= L``) in a heatmap drawn from ``grid``."""
+    for n in rows:
+        i = list(grid.index).index(n)
+        for j, layer in enumerate(columns):
+            if layer + n <= num_layers:
+                ax.add_patch(Rectangle((j, i), 1, 1, fill=False, hatch="///", edgecolor="0.55", linewidth=0,
+                                       label="_short row"))
+
+
+def angular_heatmap(data: pd.DataFrame, ax: Axes | None = None, *, run: str | None = None, normalized: bool = True,
+                    step: int | None = None, layers: Iterable[int] | None = None, cmap: str = "viridis",
+                    vmin: float | None = None, vmax: float | None = None, colorbar: bool = True) -> Axes:
+    """Mix-LN-style heatmap: x the start layer ``l``, y the block size ``n`` (1 at the bottom), colour the
+    angular distance ``arccos(cos(h_l, h_{l+n}))/π`` (min-max scaled within each ``n`` by default);
+    blank where ``l + n > L``. ``layers`` keeps only those start layers (the scaling still uses every one).
+
+    In the scaled view the rows with fewer than ``MIN_ROW_CELLS`` cells (the largest ``n``) are hatched
+    instead of coloured, with a note: scaling one or two values gives only 0 and 1. Dark cells are blocks
+    that barely turn the residual stream: candidates for pruning. Raises ``MissingDataError`` when the
+    run has no angular rows.
     """
     check_frame(data)
     run = pick_run(data, run)
     grid = angular_table(data, run, normalized=normalized, step=step)
+    num_layers, chosen_step = grid.shape[1], grid.attrs["step"]
+    hatched = short_rows(grid) if normalized else []
+    if hatched:
+        grid = grid.astype(float)
+        grid.loc[hatched] = np.nan
+    columns = list(grid.columns) if layers is None else [c for c in grid.columns if c in set(layers)]
+    grid = grid[columns]
     ax = plt.gca() if ax is None else ax
     if normalized:
         vmin, vmax = (0.0 if vmin is None else vmin), (1.0 if vmax is None else vmax)
-    label = "angular distance" + (", min-max per n" if normalized else " arccos(cos)/π")
+    label = ANGULAR_SCALED if normalized else ANGULAR_RAW
     sns.heatmap(grid, ax=ax, cmap=cmap, vmin=vmin, vmax=vmax, cbar=colorbar, square=False,
                 xticklabels=_thin(grid.shape[1]), yticklabels=_thin(grid.shape[0]),
                 cbar_kws={"label": label} if colorbar else None)
+    if hatched:
+        _hatch(ax, grid, hatched, columns, num_layers)
+        ax.text(0.98, 0.98, f"hatched: n with fewer than {MIN_ROW_CELLS} start layers\n(scaling 1–2 values says "
+                "nothing)", transform=ax.transAxes, ha="right", va="top", fontsize="x-small", color="0.3")
     ax.invert_yaxis()
     ax.set_xlabel("start layer l")
     ax.set_ylabel("block size n (layers)")
-    ax.set_title(f"{run} (step {grid.attrs['step']:,})")
+    ax.set_title(f"{run} (step {chosen_step:,})")
     ax.tick_params(axis="x", labelrotation=0)
     ax.tick_params(axis="y", labelrotation=0)
     return ax
@@ -201,14 +237,23 @@ def symlog_norm(values: np.ndarray | pd.DataFrame, vmin: float | None = None, vm
 
 def colorbar_ticks(norm: Normalize) -> dict[str, object]:
     """Colorbar keywords: for a :class:`SymLogNorm`, 0 and the powers of ten outside its linear range
-    (matplotlib's default also ticks inside it, where labels collide), written as plain numbers."""
+    (matplotlib's default also ticks inside it, where labels collide), written as plain numbers; a range
+    holding fewer than two of them gets its two ends instead, so the bar never has a single tick."""
     if not isinstance(norm, SymLogNorm):
         return {}
     lo, hi, lin = float(norm.vmin), float(norm.vmax), float(norm.linthresh)
     exps = range(math.ceil(math.log10(lin)), math.floor(math.log10(max(abs(lo), abs(hi)))) + 1)
     ticks = [0.0] if lo <= 0 <= hi else []
     ticks += [sign * 10.0 ** e for e in exps for sign in (1, -1) if lo <= sign * 10.0 ** e <= hi]
-    return {"ticks": sorted(ticks), "format": FuncFormatter(lambda x, _: f"{x:g}")}
+    if len(ticks) < 2:  # a narrow range: its ends, rounded inwards to two significant digits
+        ticks += [_round_within(lo, lo, hi), _round_within(hi, lo, hi)]
+    return {"ticks": sorted(set(ticks)), "format": FuncFormatter(lambda x, _: f"{x:.3g}")}
+
+
+def _round_within(x: float, lo: float, hi: float) -> float:
+    """``x`` to two significant digits, or ``x`` itself when rounding would leave ``[lo, hi]``."""
+    r = float(f"{x:.2g}")
+    return r if lo <= r <= hi else x
 
 
 def importance_over_training(data: pd.DataFrame, ax: Axes | None = None, *, run: str | None = None,
@@ -219,11 +264,17 @@ def importance_over_training(data: pd.DataFrame, ax: Axes | None = None, *, run:
 
     ``log`` uses :func:`symlog_norm` (linear near 0, logarithmic beyond 1% of the largest magnitude), since
     layer 0 often dwarfs the rest; ``log=False`` a linear scale. ``annotate`` writes each cell's value
-    (default: when there are at most 120 cells). Raises ``MissingDataError`` when the run has no such rows.
+    (default: when there are at most 120 cells). Raises ``MissingDataError`` when the run has no such rows,
+    or rows of one profiled step only (the importance bars draw one step).
     """
     check_frame(data)
     run = pick_run(data, run)
     grid = importance_steps_table(data, run, stat)
+    if grid.shape[1] < 2:
+        step = int(grid.columns[0])
+        raise OneStepError(f"run {run!r} was profiled at one step only ({step:,}); importance over training needs "
+                           "two or more: draw the importance figure (gpas-probe plot importance) for one step",
+                           f"profiled at one step only ({step:,}):\ndraw the importance figure")
     ax = plt.gca() if ax is None else ax
     annotate = grid.size <= 120 if annotate is None else annotate
     norm = symlog_norm(grid.to_numpy(), vmin, vmax) if log else Normalize(vmin, vmax)
@@ -240,5 +291,5 @@ def importance_over_training(data: pd.DataFrame, ax: Axes | None = None, *, run:
     return ax
 
 
-__all__ = ["IMPORTANCE_STATS", "angular_heatmap", "angular_table", "importance_bars", "importance_over_training",
-           "importance_steps_table", "colorbar_ticks", "symlog_norm"]
+__all__ = ["IMPORTANCE_STATS", "MIN_ROW_CELLS", "angular_heatmap", "angular_table", "importance_bars",
+           "importance_over_training", "importance_steps_table", "colorbar_ticks", "short_rows", "symlog_norm"]

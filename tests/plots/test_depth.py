@@ -40,8 +40,25 @@ def test_variance_growth_subsamples_steps_and_plots_the_raw_values(two_runs):
         ref = raw[raw.step == step].sort_values("layer")
         np.testing.assert_array_equal(ln.get_xdata(), ref.layer.to_numpy())
         np.testing.assert_allclose(ln.get_ydata(), ref.value.to_numpy())
-    assert ax.get_legend() is not None and ax.get_legend().get_title().get_text() == "step"
+    assert ax.get_legend() is not None and ax.get_legend().get_title().get_text() == "step (5 of 12 recorded)"
     assert ax.get_title() == "pre"
+
+
+def test_variance_growth_legend_names_every_drawn_step_outside_the_axes(one_run):
+    recorded = sorted(one_run.step.unique())
+    for kwargs, drawn in (({}, 8), ({"max_steps": 20}, len(recorded)), ({"steps": [20, 30]}, 2)):
+        fig, ax = plt.subplots(layout="constrained")
+        variance_growth(one_run, ax=ax, **kwargs)
+        legend = ax.get_legend()
+        assert [t.get_text() for t in legend.get_texts()] == [ln.get_label() for ln in line_artists(ax)]
+        assert len(legend.get_texts()) == drawn
+        title = legend.get_title().get_text()
+        assert title == (f"step (all {drawn} recorded)" if drawn == len(recorded)
+                         else f"step ({drawn} of {len(recorded)} recorded)")
+        fig.canvas.draw()
+        box, frame = legend.get_window_extent(), ax.get_window_extent()
+        assert box.x0 >= frame.x1  # right of the Axes: it hides no line
+        plt.close(fig)
 
 
 def test_variance_growth_all_steps_when_few_and_explicit_steps(one_run):
@@ -89,6 +106,46 @@ def test_heatmap_holds_log10_of_every_layer_and_step(two_runs):
     lo, hi = ax.get_ylim()
     assert lo < hi  # row 0 (layer 0) at the bottom
     assert ax.get_xlabel() == "training step" and ax.get_ylabel() == "layer"
+    assert ax.get_xscale() == "linear"  # evenly spaced steps
+    edges = mesh[0].get_coordinates()[0, :, 0]
+    steps = np.sort(raw.step.unique()).astype(float)
+    np.testing.assert_allclose(edges[1:-1], (steps[1:] + steps[:-1]) / 2)  # halfway between recorded steps
+    assert edges[0] < steps[0] and edges[-1] > steps[-1]
+
+
+LOG_STEPS = (1, 2, 3, 6, 10, 18, 25, 32, 50, 56, 75, 100, 125, 150, 175, 200, 225, 250, 275, 300)
+
+
+def test_heatmap_of_log_spaced_steps_is_drawn_on_a_log_step_axis():
+    data = synthetic(runs=("r",), steps=LOG_STEPS)
+    ax = variance_heatmap(data, ax=plt.figure().gca())
+    assert ax.get_xscale() == "log" and "log scale" in ax.get_xlabel()
+    mesh = [c for c in ax.collections if isinstance(c, QuadMesh)][0]
+    edges = mesh.get_coordinates()[0, :, 0]
+    logs = np.log10(np.array(LOG_STEPS, dtype=float))
+    assert len(edges) == len(LOG_STEPS) + 1
+    np.testing.assert_allclose(np.log10(edges[1:-1]), (logs[1:] + logs[:-1]) / 2)  # halfway in log space
+    assert all(lo < s < hi for lo, s, hi in zip(edges[:-1], LOG_STEPS, edges[1:], strict=True))
+    assert ax.get_xlim() == pytest.approx((edges[0], edges[-1]))
+    # step 0 cannot sit on a log axis: symmetric-log, linear up to the first positive step
+    ax = variance_heatmap(synthetic(runs=("r",), steps=(0, *LOG_STEPS)), ax=plt.figure().gca())
+    assert ax.get_xscale() == "symlog"
+    edges = [c for c in ax.collections if isinstance(c, QuadMesh)][0].get_coordinates()[0, :, 0]
+    assert all(lo < s < hi for lo, s, hi in zip(edges[:-1], (0, *LOG_STEPS), edges[1:], strict=True))
+
+
+def test_heatmap_of_one_step_points_to_the_variance_figure():
+    with pytest.raises(MissingDataError, match="one step only.*variance figure"):
+        variance_heatmap(synthetic(runs=("r",), steps=(40,)), ax=plt.figure().gca())
+
+
+def test_heatmap_rows_are_the_layers_drawn():
+    data = synthetic(runs=("r",))
+    data = data[data.layer.isin([-1, 1, 4])]
+    ax = variance_heatmap(data, ax=plt.figure().gca())
+    mesh = [c for c in ax.collections if isinstance(c, QuadMesh)][0]
+    assert mesh.get_coordinates().shape[0] == 3  # two rows of cells
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["1", "4"]
 
 
 # ---- shortcut ratio -----------------------------------------------------------------------------------
@@ -126,6 +183,16 @@ def test_grad_norm_views_average_the_last_steps(two_runs, view, site, direction,
         ref = raw[raw.step >= 90].groupby("layer").value.mean()
         np.testing.assert_allclose(ln.get_ydata(), ref.to_numpy())
     assert "90–110" in ax.get_title()
+
+
+def test_grad_norm_at_a_chosen_step(two_runs):
+    ax = grad_norm(two_runs, ax=plt.figure().gca(), view="params", step=30)
+    for ln in line_artists(ax):
+        raw = raw_rows(two_runs, ln.get_label(), "params", "none", "grad_norm")
+        np.testing.assert_allclose(ln.get_ydata(), raw[raw.step == 30].sort_values("layer").value.to_numpy())
+    assert "step 30" in ax.get_title()
+    with pytest.raises(MissingDataError, match="at step 35"):
+        grad_norm(two_runs, ax=plt.figure().gca(), step=35)
 
 
 def test_grad_norm_names_runs_without_data_and_errors_when_none_has_it():

@@ -7,12 +7,17 @@ matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
 from plot_tables import all_texts, line_artists, raw_rows, silu, synthetic  # noqa: E402
 
 from gpas_probe.plots import (  # noqa: E402
+    MissingDataError,
     gates,
     loss_curves,
+    loss_differences,
 )
+from gpas_probe.plots.dynamics import smooth_window  # noqa: E402
 
 # ---- gates --------------------------------------------------------------------------------------------
 
@@ -48,6 +53,11 @@ def test_gates_per_sublayer_and_scale_derived_from_alpha():
     assert len(line_artists(ax)) == 12 and "∂L/∂α" in ax.get_ylabel()
 
 
+def test_gates_of_one_step_are_markers():
+    ax = gates(synthetic(runs=("gpas",), steps=(40,)), ax=plt.figure().gca())
+    assert len(ax.get_lines()) == 6 and all(ln.get_marker() == "o" for ln in ax.get_lines())
+
+
 # ---- loss ---------------------------------------------------------------------------------------------
 
 
@@ -62,6 +72,65 @@ def test_loss_curves_line_per_run_val_as_markers(two_runs, one_run):
     legend = [t.get_text() for t in ax.get_legend().get_texts()]
     assert "pre" in legend and "gpas (val)" in legend
     ax = loss_curves(one_run, ax=plt.figure().gca(), val=False, smooth=3, logy=True)
-    assert len(ax.get_lines()) == 1 and ax.get_yscale() == "log"
+    faint, solid = ax.get_lines()  # the raw curve faint under the rolling mean
+    assert ax.get_yscale() == "log"
     raw = raw_rows(one_run, "gpas", "model", "none", "loss").sort_values("step").value.to_numpy()
-    np.testing.assert_allclose(ax.get_lines()[0].get_ydata()[1:-1], (raw[:-2] + raw[1:-1] + raw[2:]) / 3)
+    np.testing.assert_allclose(faint.get_ydata(), raw)
+    np.testing.assert_allclose(solid.get_ydata()[1:-1], (raw[:-2] + raw[1:-1] + raw[2:]) / 3)
+    assert faint.get_alpha() < 0.5 and solid.get_alpha() in (None, 1.0)
+    assert faint.get_linewidth() < solid.get_linewidth()
+    assert "rolling mean of 3 points" in ax.get_ylabel()
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["gpas"]  # the raw curve is not in the legend
+
+
+def test_smoothing_window_grows_slowly_with_the_number_of_points():
+    windows = [smooth_window(n) for n in range(0, 20001, 7)]
+    assert all(w % 2 == 1 for w in windows)  # centred: odd
+    assert windows == sorted(windows)
+    assert [smooth_window(n) for n in range(9)] == [1] * 9  # short curves stay raw
+    assert all(smooth_window(n) <= max(3, 0.1 * n) for n in range(1, 20001, 7))  # light: a tenth of longer curves
+
+
+def test_loss_of_one_point_is_a_labelled_marker_with_a_readable_range():
+    data = synthetic(runs=("gpas",), steps=(40,))
+    ax = loss_curves(data, ax=plt.figure().gca(), val=False)
+    (point,) = ax.get_lines()
+    value = raw_rows(data, "gpas", "model", "none", "loss").value.item()
+    assert point.get_marker() == "o" and point.get_linestyle() == "None"
+    assert f"{value:.4g}" in all_texts(ax) and "step 40" in all_texts(ax)
+    lo, hi = ax.get_ylim()
+    assert lo < value < hi and hi - lo <= 0.25 * abs(value)  # around the value, not around 0
+    left, right = ax.get_xlim()
+    assert left < 40 < right and right - left <= 10
+
+
+def test_loss_differences_are_smoothed_differences_from_the_first_run():
+    data = synthetic(runs=("a", "b", "c"))
+    ax = loss_differences(data, ax=plt.figure().gca(), smooth=3)
+    zero = [ln for ln in ax.get_lines() if list(ln.get_ydata()) == [0, 0]]
+    assert len(zero) == 1 and zero[0].get_label() == "a (reference)"
+    curves = [ln for ln in ax.get_lines() if ln not in zero]
+    assert [ln.get_label() for ln in curves] == ["b", "c"]
+
+    def rolled(run):
+        raw = raw_rows(data, run, "model", "none", "loss").sort_values("step").value
+        return raw.rolling(3, center=True, min_periods=1).mean().to_numpy()
+
+    for ln in curves:
+        np.testing.assert_allclose(ln.get_ydata(), rolled(ln.get_label()) - rolled("a"))
+    assert "loss of a" in ax.get_ylabel() and "rolling mean of 3" in ax.get_ylabel()
+    with pytest.raises(MissingDataError, match="two runs"):
+        loss_differences(data[data.run_id == "a"], ax=plt.figure().gca())
+
+
+def test_loss_differences_read_the_reference_between_its_steps():
+    a = synthetic(runs=("a",), steps=(0, 20, 40, 60))
+    b = synthetic(runs=("b",), steps=(10, 30, 50, 70))
+    ax = loss_differences(pd.concat([a, b], ignore_index=True), ax=plt.figure().gca())
+    curve = [ln for ln in ax.get_lines() if ln.get_label() == "b"][0]
+    ref = raw_rows(a, "a", "model", "none", "loss").sort_values("step")
+    mine = raw_rows(b, "b", "model", "none", "loss").sort_values("step")
+    inside = mine[mine.step <= 60]  # step 70 is past the reference's last step
+    np.testing.assert_array_equal(curve.get_xdata(), inside.step.to_numpy())
+    np.testing.assert_allclose(curve.get_ydata(), inside.value.to_numpy()
+                               - np.interp(inside.step, ref.step, ref.value))

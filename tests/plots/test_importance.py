@@ -16,8 +16,19 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from matplotlib.collections import QuadMesh  # noqa: E402
+from matplotlib.colors import SymLogNorm  # noqa: E402
 from matplotlib.container import BarContainer, ErrorbarContainer  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+from matplotlib.text import Text  # noqa: E402
+from plot_tables import (  # noqa: E402
+    colorbar_axes,
+    colorbar_label,
+    colorbar_range,
+    colorbar_ticks,
+    panel_axes,
+    profile_table,
+)
 
 from gpas_probe import ModelConfig, analysis, build_model  # noqa: E402
 from gpas_probe.plots import (  # noqa: E402
@@ -29,7 +40,8 @@ from gpas_probe.plots import (  # noqa: E402
     make_figure,
     save_figure,
 )
-from gpas_probe.plots.importance import angular_table  # noqa: E402
+from gpas_probe.plots.importance import MIN_ROW_CELLS, angular_table  # noqa: E402
+from gpas_probe.plots.importance import colorbar_ticks as ticks_for  # noqa: E402
 
 L = 5
 
@@ -154,9 +166,47 @@ def test_angular_normalized_by_hand_or_as_recorded(real) -> None:
     ax = angular_heatmap(real["data"], ax=plt.figure().gca(), run="c")
     cells = _mesh(ax).reshape(L, L)
     for row in recorded.itertuples():
-        assert cells[row.n - 1, row.layer] == pytest.approx(row.distance_norm)
+        if L - row.n + 1 >= MIN_ROW_CELLS:
+            assert cells[row.n - 1, row.layer] == pytest.approx(row.distance_norm)
+        else:  # too few cells to scale: hatched, not coloured
+            assert cells.mask[row.n - 1, row.layer] or np.isnan(cells[row.n - 1, row.layer])
     with pytest.raises(MissingDataError, match="gpas-probe profile"):
         angular_heatmap(real["data"].query("site == 'importance'"), run="a")
+
+
+def _hatched(ax) -> list[Rectangle]:
+    return [p for p in ax.patches if isinstance(p, Rectangle) and p.get_hatch()]
+
+
+def test_scaled_triangle_hatches_rows_too_short_to_scale(real) -> None:
+    ax = angular_heatmap(real["data"], ax=plt.figure().gca(), run="a")
+    cells = _mesh(ax).reshape(L, L).filled(np.nan)
+    short = [n for n in range(1, L + 1) if L - n + 1 < MIN_ROW_CELLS]
+    assert short == [L - 1, L] and MIN_ROW_CELLS == 3  # the rows of one and two cells
+    for n in range(1, L + 1):
+        row = cells[n - 1, : L - n + 1]
+        assert np.isnan(row).all() if n in short else np.isfinite(row).all()
+    # every cell of a short row is hatched where the block exists, at that row and start layer
+    spots = sorted((int(p.get_y()), int(p.get_x())) for p in _hatched(ax))
+    assert spots == sorted((n - 1, layer) for n in short for layer in range(L - n + 1))
+    texts = " ".join(t.get_text() for t in ax.texts)
+    assert f"fewer than {MIN_ROW_CELLS}" in texts and "hatched" in texts
+    # the raw distances have a shared scale: every cell drawn, nothing hatched
+    raw = angular_heatmap(real["data"], ax=plt.figure().gca(), run="a", normalized=False)
+    assert np.isfinite(_mesh(raw).reshape(L, L).filled(np.nan)).sum() == L * (L + 1) // 2 and not _hatched(raw)
+
+
+def test_angular_figure_explains_the_scale_in_its_colour_bar(real) -> None:
+    fig = make_figure("angular", real["data"], runs=["a", "b"])
+    (cax,) = colorbar_axes(fig)
+    label = colorbar_label(cax).get_text()
+    assert "min-max scaled within each n" in label and f"< {MIN_ROW_CELLS} cells" in label
+    assert all(_hatched(ax) for ax in panel_axes(fig))
+    fig = make_figure("angular", real["data"], runs=["a", "b"], normalized=False)
+    (cax,) = colorbar_axes(fig)
+    lo, hi = colorbar_range(cax)
+    raw = real["data"].query("run_id in ['a', 'b'] and stat == 'angular_distance'")["value"]
+    assert (lo, hi) == pytest.approx((raw.min(), raw.max())) and "min-max" not in colorbar_label(cax).get_text()
 
 
 # --------------------------------------------------------------------------------------- over training
@@ -190,6 +240,57 @@ def test_registry_renders_one_and_two_runs(real, kind, runs, tmp_path) -> None:
     assert len(panels) == PANELS[kind](len(runs))
     path = save_figure(fig, tmp_path / f"{kind}.png")
     assert path.stat().st_size > 1000
+
+
+def _title_boxes(fig) -> list:
+    renderer = fig.canvas.get_renderer()
+    titles = [t for t in fig.findobj(Text) if t.get_text() and t.get_text() == fig.get_suptitle()]
+    titles += [ax.title for ax in panel_axes(fig) if ax.get_title()]
+    return [t.get_window_extent(renderer) for t in titles]
+
+
+MANY_STEPS = tuple(range(1000, 21000, 1000))  # rotated step labels shorten the panel under a long label
+
+
+@pytest.mark.parametrize("table, runs", [("real", ["a"]), ("real", ["a", "a2"]), ("many", ["p"]),
+                                         ("many", ["p", "q"])])
+def test_importance_steps_colour_bar_label_clears_the_titles(real, table, runs) -> None:
+    if table == "real":
+        data = pd.concat([real["data"], real["data"].query("run_id == 'a'").assign(run_id="a2")], ignore_index=True)
+    else:
+        data = profile_table(runs=("p", "q"), n_layers=12, steps=MANY_STEPS)
+    fig = make_figure("importance-steps", data, runs=runs)
+    fig.canvas.draw()
+    (cax,) = colorbar_axes(fig)
+    label = colorbar_label(cax)
+    assert "loss increase when deleted" in label.get_text()
+    box = label.get_window_extent(fig.canvas.get_renderer())
+    titles = _title_boxes(fig)
+    assert len(titles) == 1 + len(runs)
+    assert not any(box.overlaps(t) for t in titles)
+    assert len(colorbar_ticks(cax)) >= 2
+
+
+def test_importance_steps_of_one_profiled_step_points_to_the_importance_figure(real) -> None:
+    with pytest.raises(MissingDataError, match="one step only.*importance figure"):
+        make_figure("importance-steps", real["data"], runs=["b"])  # b: profiled at step 40 only
+    with pytest.raises(MissingDataError, match="one step only"):
+        importance_over_training(real["data"], ax=plt.figure().gca(), run="b")
+    fig = make_figure("importance-steps", real["data"], runs=["a", "b"])
+    a, b = panel_axes(fig)
+    assert "one step only" in " ".join(t.get_text() for t in b.texts)
+    assert len([c for c in a.collections if isinstance(c, QuadMesh)]) == 1
+
+
+@pytest.mark.parametrize("lo, hi", [(0.3, 5.0), (0.02, 0.08), (-0.004, -0.001), (2.0, 3.0), (-1.0, 100.0)])
+def test_symlog_colour_bars_never_have_a_single_tick(lo, hi) -> None:
+    norm = SymLogNorm(linthresh=0.01 * max(abs(lo), abs(hi)), vmin=lo, vmax=hi)
+    ticks = ticks_for(norm)["ticks"]
+    assert len(ticks) >= 2 and all(lo <= t <= hi for t in ticks)
+    data = profile_table(steps=(10, 20))
+    scale = lo + (hi - lo) * (data["value"] - data["value"].min()) / (data["value"].max() - data["value"].min())
+    fig = make_figure("importance-steps", data.assign(value=scale))
+    assert len(colorbar_ticks(colorbar_axes(fig)[0])) >= 2
 
 
 def test_figures_annotate_unprofiled_runs_and_fail_without_any(real) -> None:
