@@ -4,8 +4,9 @@ Axes-level functions follow seaborn: the DataFrame first, column choices as keyw
 the current Axes), the Axes out. Per-run views (``variance_growth``, ``variance_heatmap``, ``gates``) take
 ``run=`` (optional when the table holds one run); comparison views (``shortcut_ratio``, ``grad_norm``,
 ``loss_curves``, ``loss_differences``) draw every run (or ``runs=``) as a colour on one Axes.
-``make_figure(kind, data, runs)`` builds a whole Figure for one or more runs side by side; ``FIGURES`` names
-the kinds for the CLI.
+``make_figure(kind, data, runs, *, step, site, stat, layers)`` builds a whole Figure for one or more runs
+side by side; ``FIGURES`` names the kinds for the CLI and ``FIGURE_OPTIONS`` the selection keywords each
+kind takes (a keyword that does not apply, or a value that was not recorded, is a one-line ``ValueError``).
 
 Missing data: an axes-level function raises ``MissingDataError`` (a ``ValueError``) naming the run, site,
 direction and stat it could not find, except that ``gates`` writes "no GPAS gates in this run" in the
@@ -29,7 +30,8 @@ from gpas_probe.plots.depth import grad_norm, shortcut_ratio, variance_growth, v
 from gpas_probe.plots.dynamics import gates, loss_curves, loss_differences
 from gpas_probe.plots.figures import FIGURES, compare_figure, make_figure, save_figure
 from gpas_probe.plots.importance import angular_heatmap, importance_bars, importance_over_training
+from gpas_probe.plots.selection import FIGURE_OPTIONS
 
-__all__ = ["FIGURES", "MissingDataError", "angular_heatmap", "compare_figure", "gates", "grad_norm",
+__all__ = ["FIGURES", "FIGURE_OPTIONS", "MissingDataError", "angular_heatmap", "compare_figure", "gates", "grad_norm",
            "importance_bars", "importance_over_training", "loss_curves", "loss_differences", "make_figure",
            "save_figure", "shortcut_ratio", "variance_growth", "variance_heatmap"]

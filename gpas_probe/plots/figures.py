@@ -1,4 +1,4 @@
-"""Whole figures comparing runs side by side, the ``FIGURES`` registry, and ``save_figure``."""
+"""Whole figures comparing runs side by side, the ``FIGURES`` registry, ``make_figure`` and ``save_figure``."""
 
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ from gpas_probe.plots.depth import grad_norm, shortcut_ratio, variance_growth, v
 from gpas_probe.plots.dynamics import gates, loss_curves, loss_differences, smooth_window
 from gpas_probe.plots.layout import figure_note, finite_range, inner_ylabels_off, panels, per_run
 from gpas_probe.plots.profile_figures import angular_figure, importance_figure, importance_steps_figure
+from gpas_probe.plots.selection import check_applies, check_options, keep_layers
 from gpas_probe.store.schema import GATE_SITES
 from gpas_probe.table import gate_values, layer_rows, mean_by, resolve_runs, select
 
@@ -205,11 +206,44 @@ FIGURES: dict[str, Callable[..., Figure]] = {
 }
 
 
-def make_figure(kind: str, data: pd.DataFrame, runs: Iterable[str] | None = None, **kwargs: object) -> Figure:
-    """The ``FIGURES[kind]`` figure for ``runs`` (default every run in ``data``); ``kwargs`` go to it."""
+def make_figure(kind: str, data: pd.DataFrame, runs: Iterable[str] | None = None, *, step: int | None = None,
+                site: str | None = None, stat: str | None = None, layers: Iterable[int] | None = None,
+                **options: object) -> Figure:
+    """The ``FIGURES[kind]`` figure for ``runs`` (default every run in ``data``).
+
+    Selection keywords (the CLI's ``--step``, ``--site``, ``--stat``, ``--layers``); None keeps the
+    figure's default, and ``FIGURE_OPTIONS[kind]`` names the ones that apply:
+
+    - ``step``: the step drawn by a figure of one step: ``ratio``, ``grad``, ``importance``, ``angular``
+      (default each run's last); for ``variance``, only this step (default up to 8 recorded steps).
+    - ``site``: the site of ``variance``, ``heatmap``, ``grad`` (default ``resid_post``) and ``ratio``
+      (``attn`` or ``mlp``; default both).
+    - ``stat``: ``variance``/``heatmap``: ``var`` (default), ``rms``, ``absmax``, ``var_robust``,
+      ``rms_robust``, ``absmax_robust``; ``gates``: ``scale`` (default), ``alpha``, ``silu_alpha``,
+      ``alpha_grad``; ``importance``/``importance-steps``: ``deletion_delta``, ``deletion_loss``,
+      ``block_influence`` (``importance`` draws deletion cost and block influence by default).
+    - ``layers``: layer indices; only their rows are drawn (model-level rows, layer -1, are kept);
+      ``angular`` keeps those start layers. Every kind but ``loss``.
+
+    A keyword that does not apply raises ``ValueError("--NAME does not apply to the KIND figure")``; a
+    value the selected runs did not record raises ``ValueError`` naming what was recorded (e.g. "step
+    99999 was not recorded for the variance figure (var at resid_post); recorded steps: 1..300 (21
+    steps)"). Other ``options`` go to the figure function (``direction``, ``smooth``, ``normalized``, ...).
+    """
     if kind not in FIGURES:
         raise ValueError(f"unknown figure kind {kind!r}; choose one of {sorted(FIGURES)}")
-    return FIGURES[kind](data, runs, **kwargs)
+    check_applies(kind, {"step": step, "site": site, "stat": stat, "layers": layers})
+    check_frame(data)
+    chosen = resolve_runs(data, runs)
+    check_options(kind, data, chosen, step=step, site=site, stat=stat, options=options)
+    if layers is not None:
+        kept = keep_layers(data, chosen, layers)
+        if kind == "angular":
+            options["layers"] = sorted(set(kept["layer"][kept["layer"] >= 0].astype(int)))
+        else:
+            data = kept
+    selected = {k: v for k, v in {"step": step, "site": site, "stat": stat}.items() if v is not None}
+    return FIGURES[kind](data, runs, **selected, **options)
 
 
 compare_figure = make_figure
