@@ -5,21 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import matplotlib.pyplot as plt
 import numpy as np
 import typer
 from rich.table import Table
 
-from gpas_probe.analysis.seeds import grouped, paired_differences, run_groups, seed_summary
-from gpas_probe.analysis.summary import compare_runs
-from gpas_probe.cli.common import console, friendly_errors, read_runs
-from gpas_probe.plots import FIGURES, make_figure, save_figure
-from gpas_probe.runs import run_state
-from gpas_probe.store import run_info
-from gpas_probe.table import aggregate_runs
+from gpas_probe.cli.common import console, friendly_errors, print_wide, read_runs, resolve_runs
 
 plot_app = typer.Typer(help="Render a figure from one or more runs (side by side).", no_args_is_help=True)
 
+#: The figures ``plot`` draws (the keys of :data:`gpas_probe.plots.FIGURES`, tested equal: the plotting
+#: modules import matplotlib, which only a command that draws needs).
 FIGURE_HELP = {
     "variance": "Residual-stream variance across layers, one line per recorded step (log scale).",
     "heatmap": "Layer x step heatmap of log10 variance.",
@@ -33,31 +28,78 @@ FIGURE_HELP = {
 }
 
 
+def parse_layers(text: str) -> list[int]:
+    """``0-3,8,10`` -> [0, 1, 2, 3, 8, 10]."""
+    layers: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        lo, dash, hi = part.partition("-")
+        try:
+            first, last = int(lo), int(hi if dash else lo)
+        except ValueError:
+            raise ValueError(f"--layers must be layer numbers and ranges such as 0-3,8, got {text!r}") from None
+        if first < 0 or last < first:
+            raise ValueError(f"--layers must be layer numbers and ranges such as 0-3,8, got {text!r}")
+        layers.extend(range(first, last + 1))
+    if not layers:
+        raise ValueError(f"--layers must name at least one layer, got {text!r}")
+    return sorted(set(layers))
+
+
+def default_output(kind: str, runs: list[Path]) -> Path:
+    """Where a figure goes without ``-o``: ``RUN/figures/KIND.png`` for one run; for several, the
+    ``figures/`` folder of the folder that holds them all (the current one when they share none)."""
+    if len(runs) == 1:
+        return runs[0] / "figures" / f"{kind}.png"
+    parents = {r.parent for r in runs}
+    return (parents.pop() if len(parents) == 1 else Path(".")) / "figures" / f"{kind}.png"
+
+
 def _plot_command(kind: str):
     @friendly_errors
     def command(
-        runs: Annotated[list[Path], typer.Argument(help="Run folders (or their probes/ folders).")],
-        output: Annotated[Path, typer.Option("--output", "-o", help="Figure file: .png, .svg or .pdf.")],
+        runs: Annotated[list[Path], typer.Argument(help="Run folders (or their probes/ folders), or an output "
+                                                        "folder holding one run.")],
+        output: Annotated[Path | None, typer.Option("--output", "-o", help="Figure file: .png, .svg or .pdf "
+                                                    "(default: RUN/figures/KIND.png; for several runs, "
+                                                    "figures/KIND.png beside them).")] = None,
+        step: Annotated[int | None, typer.Option(help="The recorded step to draw (figures of one step; variance: "
+                                                      "only this step).")] = None,
+        site: Annotated[str | None, typer.Option(help="The site to draw (variance, heatmap, grad), e.g. "
+                                                      "resid_post, resid_mid, attn_out.")] = None,
+        stat: Annotated[str | None, typer.Option(help="The statistic to draw, e.g. var, rms, var_robust "
+                                                      "(variance, heatmap), scale, alpha (gates), "
+                                                      "deletion_delta, block_influence (importance).")] = None,
+        layers: Annotated[str | None, typer.Option(help="Layers to draw, e.g. 0-3,8 (default: all).")] = None,
         each_run: Annotated[bool, typer.Option("--each-run", help="Draw every run, even the seeds of one "
                                                                   "configuration (default: their mean with a "
                                                                   "95% band across seeds).")] = False,
     ) -> None:
-        data = read_runs(runs)
-        groups, _ = run_groups(runs)
+        import matplotlib.pyplot as plt
+
+        from gpas_probe.analysis.seeds import grouped, run_groups
+        from gpas_probe.plots import make_figure, save_figure
+        from gpas_probe.table import aggregate_runs
+
+        folders, labels = resolve_runs(runs)
+        options = {"step": step, "site": site, "stat": stat,
+                   "layers": parse_layers(layers) if layers is not None else None}
+        data = read_runs(folders)
+        groups, _ = run_groups(folders, labels)
         if grouped(groups) and not each_run:
             data = aggregate_runs(data, groups)
-        fig = make_figure(kind, data)
+        fig = make_figure(kind, data, **{k: v for k, v in options.items() if v is not None})
+        target = output if output is not None else default_output(kind, folders)
         try:
-            save_figure(fig, output)
+            save_figure(fig, target)
         finally:
             plt.close(fig)
-        console.print(f"wrote {output}")
+        console.print(f"wrote {target}", highlight=False, soft_wrap=True)
 
-    command.__doc__ = FIGURE_HELP.get(kind, kind)
+    command.__doc__ = FIGURE_HELP[kind]
     return command
 
 
-for _kind in FIGURES:
+for _kind in FIGURE_HELP:
     plot_app.command(_kind)(_plot_command(_kind))
 
 
@@ -75,15 +117,20 @@ def print_table(df, title: str) -> None:
         table.add_column(str(col), justify="right", overflow="fold")  # wrap, never truncate
     for idx, row in zip(df.index, df.itertuples(index=False), strict=True):  # keeps each column's dtype
         table.add_row(str(idx), *(_fmt(v) for v in row))
-    console.print(table)
+    print_wide(table)
 
 
 @friendly_errors
-def info_cmd(run: Annotated[Path, typer.Argument(help="A run folder.")]) -> None:
+def info_cmd(run: Annotated[Path, typer.Argument(help="A run folder, or an output folder holding one run.")]
+             ) -> None:
     """Steps, layers, sites, statistics and size of a recorded run, and whether it is still running."""
+    from gpas_probe.folders import run_folders, run_state
+    from gpas_probe.store import run_info
+
+    (run,) = run_folders([run])
     info = run_info(run)
     for key, value in {**info, "status": run_state(run)}.items():
-        console.print(f"[bold]{key}[/]: {value}", highlight=False)
+        console.print(f"[bold]{key}[/]: {value}", highlight=False, soft_wrap=True)
 
 
 #: Short column headers for the compare table (the DataFrame keeps the documented names).
@@ -96,6 +143,8 @@ COMPARE_LEGEND = ("val/train: final validation and training loss; var ratio: res
 
 
 def print_compare(data, title: str) -> None:
+    from gpas_probe.analysis.summary import compare_runs
+
     print_table(compare_runs(data).rename(columns=COMPARE_LABELS), title)
     console.print(COMPARE_LEGEND, style="dim", highlight=False)
 
@@ -106,6 +155,8 @@ def _bounds(lo: float, hi: float, fmt: str = "{:.3f}") -> str:
 
 def print_seed_comparison(data, groups: dict[str, str], seeds: dict[str, int | None]) -> None:
     """Configurations as means over their seeds, and each one's paired difference from the first."""
+    from gpas_probe.analysis.seeds import paired_differences, seed_summary
+
     summary = seed_summary(data, groups)
     summary.insert(2, "val 95%", [_bounds(lo, hi) for lo, hi in zip(summary["val_lo"], summary["val_hi"],
                                                                      strict=True)])
@@ -125,13 +176,17 @@ def print_seed_comparison(data, groups: dict[str, str], seeds: dict[str, int | N
 
 
 @friendly_errors
-def compare_cmd(runs: Annotated[list[Path], typer.Argument(help="Run folders.")]) -> None:
+def compare_cmd(runs: Annotated[list[Path], typer.Argument(help="Run folders, or an output folder holding one "
+                                                                "run.")]) -> None:
     """A table: final validation loss, top/bottom-layer variance ratio, deep shortcut/branch ratio, gates.
 
     Runs of one configuration with different seeds (train --seeds) are grouped: mean ± a 95% interval
     across seeds, and each configuration's paired difference of final validation loss from the first."""
-    data = read_runs(runs)
-    groups, seeds = run_groups(runs)
+    from gpas_probe.analysis.seeds import grouped, run_groups
+
+    folders, labels = resolve_runs(runs)
+    data = read_runs(folders)
+    groups, seeds = run_groups(folders, labels)
     if grouped(groups):
         print_seed_comparison(data, groups, seeds)
     else:

@@ -5,21 +5,23 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import shlex
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import pandas as pd
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.measure import Measurement
+from rich.table import Table
 
-from gpas_probe.distributed import DistContext, mark_quiet
 from gpas_probe.errors import first_line
 from gpas_probe.interrupt import Interrupted
-from gpas_probe.store import load_runs, run_writer
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 console = Console()
 err_console = Console(stderr=True)
@@ -29,6 +31,21 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryErro
                PermissionError, FloatingPointError, ImportError)
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def print_wide(table: Table) -> None:
+    """Print a table whole: in a terminal fitted to the window (cells fold, never cut); into a pipe or a
+    file at its natural width, uncropped (rich would otherwise cut it at 80 columns)."""
+    if not console.is_terminal:
+        table.width = Measurement.get(console, console.options.update_width(1_000_000), table).maximum
+    console.print(table, crop=console.is_terminal)
+
+
+def print_next(*commands: list[str | Path]) -> None:
+    """The commands to run next, with the real paths, quoted for a shell."""
+    console.print("next:", style="bold", highlight=False)
+    for words in commands:
+        console.print("  " + shlex.join(["gpas-probe", *map(str, words)]), highlight=False, soft_wrap=True)
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -88,28 +105,28 @@ def friendly_errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-def read_runs(runs: list[Path]) -> pd.DataFrame:
-    """The runs' probe tables (each must have rows), saying which are still being written."""
-    data = load_runs(runs, require_rows=True)
-    for run in runs:
+def resolve_runs(paths: list[Path]) -> tuple[list[Path], list[str]]:
+    """The runs the paths name (an output root holding one run is that run; one holding several is an
+    error listing them) and a distinct label for each (runs whose folders share a name get their paths'
+    distinct endings)."""
+    from gpas_probe.folders import run_folders, run_labels
+
+    folders = run_folders(paths)
+    return folders, run_labels(folders)
+
+
+def read_runs(paths: list[Path]) -> pd.DataFrame:
+    """The runs' probe tables (each must have rows), labelled as :func:`resolve_runs` says, saying which are
+    still being written."""
+    from gpas_probe.store import load_runs, run_writer
+
+    folders, labels = resolve_runs(paths)
+    data = load_runs(folders, labels, require_rows=True)
+    for run in folders:
         if (live := run_writer(run)) is not None:
             err_console.print(f"{run} is still running ({live['text']}): using the rows written so far",
                               style="dim", highlight=False, soft_wrap=True)
     return data
-
-
-@contextmanager
-def reported_by_rank0(ctx: DistContext) -> Iterator[None]:
-    """Under ``torchrun``, an input error every rank raises together is printed by rank 0 before the ranks
-    leave (torchrun stops the other processes as soon as one exits, so a report printed after that might
-    never appear); the error is then marked as reported. One process: nothing changes."""
-    try:
-        yield
-    except USER_ERRORS as e:
-        if ctx.distributed and getattr(e, "shared", False) and not getattr(e, "quiet", False):
-            err_console.print(f"[bold red]error:[/] {escape(first_line(e))}", highlight=False, soft_wrap=True)
-            mark_quiet(e)
-        raise
 
 
 class _StderrHandler(logging.StreamHandler):

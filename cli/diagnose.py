@@ -13,11 +13,10 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.measure import Measurement
 from rich.table import Table
 
 from gpas_probe.analysis.diagnosis import SIGNAL_NAMES, VOTE_RULE, Diagnosis, Thresholds, diagnose_runs
-from gpas_probe.cli.common import console, friendly_errors, read_runs
+from gpas_probe.cli.common import console, friendly_errors, print_wide, read_runs
 
 _DEFAULTS = Thresholds()
 Opt = typer.Option
@@ -71,13 +70,6 @@ def evidence_table(d: Diagnosis) -> Table:
     return table
 
 
-def _print_table(table: Table) -> None:
-    """In a terminal, fitted to the window; elsewhere at the table's natural width, uncropped."""
-    if not console.is_terminal:
-        table.width = Measurement.get(console, console.options.update_width(1_000_000), table).maximum
-    console.print(table, crop=console.is_terminal)
-
-
 def _say(text: str) -> None:
     """One line of the report: wrapped to a terminal's window, whole into a pipe or a file."""
     console.print(text, highlight=False, soft_wrap=not console.is_terminal)
@@ -99,7 +91,7 @@ def _confidence(s: dict) -> str:
 def _report(d: Diagnosis) -> None:
     s = d.summary
     if s["signals_used"]:
-        _print_table(evidence_table(d))
+        print_wide(evidence_table(d))
     for finding in s["findings"].values():
         _say(f"[bold]finding:[/] {finding['text']}")
     g = s["growth_factor"]

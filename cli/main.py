@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from typer.core import TyperOption
 
 from gpas_probe._version import __version__
 from gpas_probe.cli.analyze import compare_cmd, info_cmd, plot_app
@@ -12,6 +13,16 @@ from gpas_probe.cli.demo import demo_cmd
 from gpas_probe.cli.diagnose import diagnose_cmd
 from gpas_probe.cli.profile import profile_cmd
 from gpas_probe.cli.train import train_cmd
+
+_type_label = TyperOption.display_type_rich
+
+
+def _flag_type_label(self: TyperOption, ctx: object) -> str | None:
+    """No ``<bool>`` beside a flag in ``--help``: a flag takes no value (typer 0.2x labels every option)."""
+    return None if self.is_flag else _type_label(self, ctx)  # type: ignore[arg-type]
+
+
+TyperOption.display_type_rich = _flag_type_label  # type: ignore[method-assign]
 
 app = typer.Typer(
     name="gpas-probe",

@@ -9,9 +9,9 @@ from typing import Annotated
 
 import typer
 
-from gpas_probe.checkpoints import BACKENDS
-from gpas_probe.cli.common import console, friendly_errors, setup_logging
-from gpas_probe.profile import DELETION_MODES, PROFILE_FILE, ProfileConfig, profile_many
+from gpas_probe.cli.common import console, friendly_errors, print_next, setup_logging
+from gpas_probe.config import BACKENDS
+from gpas_probe.profile.config import DELETION_MODES
 
 Opt = typer.Option
 
@@ -32,7 +32,8 @@ def profile_cmd(
                                                "has one, else bytes).")] = None,
     batches: Annotated[int, Opt(help="Evaluation batches.")] = 8,
     batch_size: Annotated[int, Opt(help="Sequences per batch.")] = 8,
-    seq_len: Annotated[int, Opt(help="Tokens per sequence.")] = 256,
+    seq_len: Annotated[int | None, Opt(help="Tokens per sequence (default: the length the run was trained on, "
+                                            "else the model's maximum up to 256).")] = None,
     norm: Annotated[str | None, Opt(help="The scheme, where the weights cannot tell (post or deepnorm; lns).")
                     ] = None,
     post_layers: Annotated[int | None, Opt(help="Mix-LN: number of leading post-norm layers.")] = None,
@@ -61,6 +62,8 @@ def profile_cmd(
     verbose: Annotated[bool, Opt("--verbose", "-v", help="Log progress details.")] = False,
 ) -> None:
     """Profile checkpoints: per-site statistics and layer importance, in the training parquet schema."""
+    from gpas_probe.profile import PROFILE_FILE, ProfileConfig, profile_many  # imports torch: only when profiling
+
     setup_logging(verbose)
     config = ProfileConfig.of(
         data=data, tokenizer=tokenizer, batches=batches, batch_size=batch_size, seq_len=seq_len, norm=norm,
@@ -69,8 +72,14 @@ def profile_cmd(
         activations=not no_activations, skip_first_position=skip_first_position, outlier_factor=outlier_factor)
     written = profile_many(ckpts, out, config, run_id=run_id, latest=latest, overwrite=overwrite, progress="auto")
     for folder in written:
-        record = json.loads((folder / PROFILE_FILE).read_text())["checkpoints"]
+        summary = json.loads((folder / PROFILE_FILE).read_text())
+        record, data = summary["checkpoints"], summary["data"]
         steps = ", ".join(str(r["step"]) for r in record)
         last = record[-1]["val_loss"]
         console.print(f"profiled {len(record)} checkpoint(s) (step {steps}) into {folder}; "
-                      f"validation loss {last:.4f} at step {record[-1]['step']}", highlight=False, soft_wrap=True)
+                      f"validation loss {last:.4f} at step {record[-1]['step']}; windows of {data['seq_len']} "
+                      f"tokens ({data.get('seq_len_from', 'as given')})", highlight=False, soft_wrap=True)
+    if len(written) == 1:
+        print_next(["diagnose", written[0]], ["plot", "importance", written[0]])
+    elif written:
+        print_next(["diagnose", *written], ["plot", "importance", *written])

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.markup import escape
 
-from gpas_probe.cli.common import console, friendly_errors, reported_by_rank0, setup_logging
+from gpas_probe.cli.common import USER_ERRORS, console, err_console, friendly_errors, print_next, setup_logging
 from gpas_probe.config import NormScheme
-from gpas_probe.distributed import DistContext, check_launch, distributed
-from gpas_probe.launch import TrainOptions, parse_seeds, run_label, seed_runs
-from gpas_probe.probes import FAMILIES
-from gpas_probe.training import StepInfo, train
+from gpas_probe.errors import first_line
+from gpas_probe.probes.config import FAMILIES
+
+if TYPE_CHECKING:  # the command imports torch when it runs, not when the CLI starts
+    from gpas_probe.distributed import DistContext
+    from gpas_probe.launch import TrainOptions
 
 Opt = typer.Option
 
@@ -37,11 +42,15 @@ def train_cmd(
     out: Annotated[Path | None, Opt("--out", "-o", help="Run directory (default runs/PRESET-NORM[-gpas]).")] = None,
     checkpoint_every: Annotated[int | None, Opt(help="Keep a checkpoint every N steps (0 = only the final one).")
                                 ] = None,
+    keep_last: Annotated[int | None, Opt(help="Keep only the latest N of those checkpoints, the final one included "
+                                              "(default 0 = all).")] = None,
     autosave: Annotated[float | None, Opt(help="Seconds at least between automatic resume checkpoints (default 60, "
                                                "longer when saving is slow; 0 = off).")] = None,
     eval_every: Annotated[int | None, Opt(help="Validation every N steps (0 = only at the end).")] = None,
     grad_clip: Annotated[float | None, Opt(help="Global gradient-norm clip (0 = off).")] = None,
-    clip_gate_grad: Annotated[float | None, Opt(help="Joint GPAS gate-gradient clip (0 = off).")] = None,
+    gate_grad_clip: Annotated[float | None, Opt("--gate-grad-clip", "--clip-gate-grad",
+                                                help="Joint GPAS gate-gradient norm clip, after --grad-clip "
+                                                     "(0 = off).")] = None,
     gate: Annotated[str | None, Opt(help="With --gpas: one gate per layer, or per sub-layer: layer (default), "
                                          "sublayer.")] = None,
     naive: Annotated[bool, Opt("--naive", help="Ablation: scale without the stop-gradient.")] = False,
@@ -67,10 +76,14 @@ def train_cmd(
 
     Data-parallel on N processes: torchrun --nproc_per_node N -m gpas_probe.cli.main train --dist ddp ...
     """
+    from gpas_probe.distributed import check_launch, distributed
+    from gpas_probe.launch import TrainOptions, parse_seeds, seed_runs
+
     setup_logging(verbose)
     training = dict(steps=steps, lr=lr, warmup=warmup, batch_size=batch_size, seq_len=seq_len, seed=seed, data=data,
-                    checkpoint_every=checkpoint_every, autosave=autosave, eval_every=eval_every, grad_clip=grad_clip,
-                    gate_clip=clip_gate_grad, device=device, compile=compile or None, threads=threads)
+                    checkpoint_every=checkpoint_every, keep_last=keep_last, autosave=autosave, eval_every=eval_every,
+                    grad_clip=grad_clip, gate_clip=gate_grad_clip, device=device, compile=compile or None,
+                    threads=threads)
     options = TrainOptions(preset=preset, norm=norm, gpas=gpas, gate=gate, naive=naive, fixed_gate=fixed_gate,
                            post_layers=post_layers, train=training, probe_every=probe_every,
                            probe_schedule=probe_schedule, probe_stats=probe_stats, out=out)
@@ -79,18 +92,51 @@ def train_cmd(
     given = _given(typer_ctx)
     with distributed(dist, device) as ctx, reported_by_rank0(ctx):
         runs = seed_runs(options, seed_list, ctx) if seed_list else [options]
-        for run in runs:
-            _train_one(run, ctx, given if resume else None, overwrite)
+        trained = [_train_one(run, ctx, given if resume else None, overwrite) for run in runs]
+    if ctx.is_main:
+        _suggest([folder for folder, _ in trained], probed=all(probed for _, probed in trained))
+
+
+@contextmanager
+def reported_by_rank0(ctx: DistContext) -> Iterator[None]:
+    """Under ``torchrun``, an input error every rank raises together is printed by rank 0 before the ranks
+    leave (torchrun stops the other processes as soon as one exits, so a report printed after that might
+    never appear); the error is then marked as reported. One process: nothing changes."""
+    from gpas_probe.distributed import mark_quiet
+
+    try:
+        yield
+    except USER_ERRORS as e:
+        if ctx.distributed and getattr(e, "shared", False) and not getattr(e, "quiet", False):
+            err_console.print(f"[bold red]error:[/] {escape(first_line(e))}", highlight=False, soft_wrap=True)
+            mark_quiet(e)
+        raise
 
 
 def _given(typer_ctx: typer.Context) -> set[str]:
     """The options typed on the command line, by their :class:`TrainOptions` names."""
-    names = {"clip_gate_grad": "gate_clip"}
+    names = {"gate_grad_clip": "gate_clip"}
     return {names.get(name, name) for name in typer_ctx.params
             if getattr(typer_ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"}
 
 
-def _train_one(options: TrainOptions, ctx: DistContext, resume_given: set[str] | None, overwrite: bool) -> None:
+def _suggest(folders: list[Path], probed: bool) -> None:
+    """What to look at next, with the runs just trained."""
+    profile = ["profile", *folders]
+    if not probed:
+        print_next(profile)
+    elif len(folders) == 1:
+        print_next(["plot", "variance", folders[0]], ["diagnose", folders[0]], profile)
+    else:
+        print_next(["compare", *folders], ["plot", "loss", *folders], profile)
+
+
+def _train_one(options: TrainOptions, ctx: DistContext, resume_given: set[str] | None, overwrite: bool
+               ) -> tuple[Path, bool]:
+    """Train one run; its folder, and whether it recorded probes."""
+    from gpas_probe.launch import run_label
+    from gpas_probe.training import StepInfo, train
+
     resume = resume_given is not None
     model, tc, probe, run_dir = options.for_resume(resume_given, ctx) if resume else options.build(ctx)
     if not ctx.is_main and not logging.getLogger().isEnabledFor(logging.INFO):
@@ -107,8 +153,9 @@ def _train_one(options: TrainOptions, ctx: DistContext, resume_given: set[str] |
     result = train(model, tc, run_dir, resume=resume, overwrite=overwrite, probe=probe, dist=ctx, label=label,
                    progress="auto" if ctx.is_main else "off", meta={"preset": options.preset}, callback=announce)
     if not ctx.is_main:
-        return
+        return run_dir, probe is not None
     val = result.final_val_loss
     console.print(f"trained {label} to step {result.step}"
                   + (f", validation loss {val:.4f}" if val is not None else "") + f"; run in {run_dir}"
-                  + (f" (probes in {run_dir / 'probes'})" if probe else ""))
+                  + (f" (probes in {run_dir / 'probes'})" if probe else ""), highlight=False, soft_wrap=True)
+    return run_dir, probe is not None

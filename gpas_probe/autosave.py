@@ -6,6 +6,7 @@ of the training time whatever the model's size (a 1.2M-parameter model saves in 
 saved every minute; a model that takes 30 s to save is saved every 10 minutes). Such a checkpoint is
 marked (:data:`MARK`) and replaced by the next save: a run keeps its ``--checkpoint-every``
 checkpoints, its final one, and at most one automatic checkpoint, removed when the run finishes.
+``TrainConfig.keep_last = N`` keeps only the latest N of the kept checkpoints (:func:`prune_kept`).
 """
 
 from __future__ import annotations
@@ -55,6 +56,16 @@ class Autosave:
 
 def is_autosave(ckpt: Path) -> bool:
     return (ckpt / MARK).is_file()
+
+
+def prune_kept(run_dir: Path, keep_last: int) -> None:
+    """Remove all but the latest ``keep_last`` checkpoints that are not automatic (0: keep them all)."""
+    if keep_last <= 0:
+        return
+    kept = [ckpt for ckpt in step_checkpoints(run_dir) if not is_autosave(ckpt)]
+    for ckpt in kept[:-keep_last]:
+        shutil.rmtree(ckpt, ignore_errors=True)
+        log.info("removed checkpoint %s (--keep-last %d)", ckpt, keep_last)
 
 
 def prune_autosaves(run_dir: Path, keep: Path | None = None) -> None:

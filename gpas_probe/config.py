@@ -14,6 +14,7 @@ from enum import Enum
 from typing import Any, TypeVar
 
 T = TypeVar("T")
+E = TypeVar("E", bound=Enum)
 
 
 def from_fields(cls: type[T], d: Mapping[str, Any]) -> T:
@@ -200,6 +201,7 @@ class TrainConfig:
     eval_every: int = 50  # 0 = only at the end
     eval_batches: int = 4
     checkpoint_every: int = 0  # 0 = only at the end (and autosaves)
+    keep_last: int = 0  # keep only the latest N checkpoints (the final one counts); 0 = keep them all
     autosave: float = 60.0  # seconds at least between automatic resume checkpoints; 0 = off
     schedule_steps: int | None = None  # the cosine's length; None = steps (a resumed, extended run keeps its own)
     data: str = "builtin"  # "builtin", a text file, a .npy/.bin token file
@@ -221,6 +223,8 @@ class TrainConfig:
             raise ValueError(f"autosave must be >= 0 seconds, got {self.autosave}")
         if self.checkpoint_every < 0:
             raise ValueError(f"checkpoint every must be >= 0, got {self.checkpoint_every}")
+        if self.keep_last < 0:
+            raise ValueError(f"keep last must be >= 0 (0 = keep every checkpoint), got {self.keep_last}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -285,3 +289,19 @@ def get_preset(name: str) -> Preset:
         return PRESETS[name]
     except KeyError:
         raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}") from None
+
+
+#: How a checkpoint loads (:mod:`gpas_probe.checkpoints.loader`): ``native`` into our model (ours, the GPAS
+#: code's, LLaMA, Mistral, Qwen2), ``hf`` with transformers, ``auto`` natively when the native loader reads
+#: it, else with transformers.
+BACKENDS = ("auto", "native", "hf")
+
+
+def parse_choice(value: str | E, enum: type[E], what: str) -> E:
+    """``value`` as a member of ``enum``, or a one-line error listing the choices."""
+    if isinstance(value, enum):
+        return value
+    try:
+        return enum(value)
+    except ValueError:
+        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(m.value for m in enum)}") from None

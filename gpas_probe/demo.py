@@ -11,7 +11,7 @@ from pathlib import Path
 import matplotlib.pyplot as plt
 import pandas as pd
 
-from gpas_probe.config import ModelConfig, NormScheme, TrainConfig
+from gpas_probe.config import ModelConfig, NormScheme, TrainConfig, parse_choice
 from gpas_probe.plots import make_figure, save_figure
 from gpas_probe.probes import ProbeConfig
 
@@ -33,9 +33,11 @@ class DemoRun:
 
 def demo_runs(preset: str = "small", norm: NormScheme | str = NormScheme.PRE, steps: int = 300,
               seed: int = 0) -> list[DemoRun]:
-    """A scheme without and with GPAS, from the same seed on the same batches; validation six times."""
-    norm = NormScheme(norm)
-    train = TrainConfig.from_preset(preset, steps=steps, seed=seed, eval_every=max(1, steps // 6))
+    """A scheme without and with GPAS, from the same seed on the same batches; validation six times, a
+    checkpoint kept at each third of the run (so that a profile shows importance over training)."""
+    norm = parse_choice(norm, NormScheme, "scheme")
+    train = TrainConfig.from_preset(preset, steps=steps, seed=seed, eval_every=max(1, steps // 6),
+                                  checkpoint_every=max(1, steps // 3))  # 3 checkpoints: importance over training
     runs = []
     for gpas in (False, True):
         label = f"{norm.value}{'+gpas' if gpas else ''}"

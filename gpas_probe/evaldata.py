@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gpas_probe.checkpoints.files import TOKENIZER_FILE
 from gpas_probe.data import BYTE_VOCAB, builtin_corpus, load_tokens
 from gpas_probe.errors import first_line
 from gpas_probe.extras import require
@@ -46,7 +47,6 @@ from gpas_probe.model import IGNORE_INDEX
 log = logging.getLogger(__name__)
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # input_ids, labels, mask (bool, True = real token)
-TOKENIZER_FILE = "tokenizer.json"
 _SCAN = 1 << 24  # tokens per chunk when scanning a token file for its id range
 
 

@@ -6,31 +6,27 @@ from __future__ import annotations
 import dataclasses
 import logging
 from dataclasses import dataclass, field
-from enum import Enum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
-from gpas_probe.config import GateGranularity, ModelConfig, NormScheme, ScalingMode, TrainConfig, get_preset
+from gpas_probe.config import (
+    GateGranularity,
+    ModelConfig,
+    NormScheme,
+    ScalingMode,
+    TrainConfig,
+    get_preset,
+    parse_choice,
+)
 from gpas_probe.distributed import DistContext, mark_quiet, mark_shared
+from gpas_probe.folders import RUN_META, read_run_meta
 from gpas_probe.probes import FAMILIES, ProbeConfig
-from gpas_probe.runs import RUN_META, read_run_meta
 
 log = logging.getLogger(__name__)
-E = TypeVar("E", bound=Enum)
 
 #: TrainConfig fields ``gpas-probe train`` takes as options (None: the preset's value).
-TRAIN_FIELDS = ("steps", "lr", "warmup", "batch_size", "seq_len", "seed", "data", "checkpoint_every", "autosave",
-                "eval_every", "grad_clip", "gate_clip", "device", "compile", "threads")
-
-
-def parse_choice(value: str | E, enum: type[E], what: str) -> E:
-    """``value`` as a member of ``enum``, or a one-line error listing the choices."""
-    if isinstance(value, enum):
-        return value
-    try:
-        return enum(value)
-    except ValueError:
-        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(m.value for m in enum)}") from None
+TRAIN_FIELDS = ("steps", "lr", "warmup", "batch_size", "seq_len", "seed", "data", "checkpoint_every", "keep_last",
+                "autosave", "eval_every", "grad_clip", "gate_clip", "device", "compile", "threads")
 
 
 def probe_config(every: int, schedule: str = "every", stats: str = ",".join(FAMILIES)) -> ProbeConfig | None:
@@ -75,7 +71,7 @@ class TrainOptions:
     def _check_used(self, norm: NormScheme) -> None:
         if not (self.gpas or self.naive):
             given = [flag for flag, value in (("--gate", self.gate), ("--fixed-gate", self.fixed_gate),
-                                              ("--clip-gate-grad", self.train.get("gate_clip"))) if value is not None]
+                                              ("--gate-grad-clip", self.train.get("gate_clip"))) if value is not None]
             if given:
                 raise ValueError(f"{', '.join(given)}: GPAS gate options do nothing without --gpas (or --naive); "
                                  "add it, or leave them out")

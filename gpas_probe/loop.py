@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from gpas_probe.autosave import MARK, Autosave, prune_autosaves
+from gpas_probe.autosave import MARK, Autosave, prune_autosaves, prune_kept
 from gpas_probe.checkpoints import save_checkpoint
 from gpas_probe.config import TrainConfig
 from gpas_probe.data import Batches
@@ -227,6 +227,8 @@ class Loop:
             save_checkpoint(self.model, path, step=step, extra_files={TRAINER_STATE: trainer_state}, state=state,
                             marks=(MARK,) if auto else ())
             prune_autosaves(self.run_dir, keep=path)  # type: ignore[arg-type]
+            if not auto:
+                prune_kept(self.run_dir, self.cfg.keep_last)  # type: ignore[arg-type]
 
         ctx.on_main(write)
         self.saved = True

@@ -22,15 +22,14 @@ from gpas_probe.atomic import remove_temporaries, temporary_file, write_text_ato
 from gpas_probe.checkpoints import assign_weights, read_weights, step_checkpoints
 from gpas_probe.checkpoints.steps import CHECKPOINTS_DIR, step_dir_name, step_from_name
 from gpas_probe.config import ModelConfig, TrainConfig
-from gpas_probe.jsonfile import read_object
+from gpas_probe.folders import RUN_META, read_run_meta
 from gpas_probe.lock import RunLock, clear_folder
 from gpas_probe.model import Transformer
-from gpas_probe.store import PROBES_DIR, run_writer, truncate_after
+from gpas_probe.store import PROBES_DIR, truncate_after
 from gpas_probe.store.schema import part_files
 
 log = logging.getLogger(__name__)
 
-RUN_META = "run.json"
 TRAINER_STATE = "trainer_state.pt"
 
 
@@ -38,17 +37,6 @@ def run_meta(model_config: ModelConfig, train_config: TrainConfig, extra: dict[s
     """The content of ``run.json``."""
     return {"gpas_probe_version": __version__, "torch_version": torch.__version__,
             "model_config": model_config.to_dict(), "train_config": train_config.to_dict(), **extra}
-
-
-def read_run_meta(path: Path) -> dict[str, Any]:
-    """A run's ``run.json`` (the file's path), checked to be one of ours."""
-    try:
-        meta = read_object(path, "a run's metadata")
-    except OSError as e:
-        raise ValueError(f"{path}: unreadable run metadata ({e})") from None
-    if not isinstance(meta.get("model_config"), dict) or not isinstance(meta.get("train_config"), dict):
-        raise ValueError(f"{path}: not a gpas-probe run (model_config/train_config missing)")
-    return meta
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
@@ -208,23 +196,3 @@ def discard_run(run_dir: Path) -> None:
         return
     log.info("%s: removing the run that failed before its first checkpoint", run_dir)
     clear_folder(run_dir)
-
-
-def run_state(path: str | Path) -> str:
-    """What a run folder (or its ``probes/``) is doing: ``running (pid 123, train, since 12:00:01)``,
-    ``finished at step 300``, ``stopped at step 120 of 300 ...`` or ``not being written``."""
-    live = run_writer(path)
-    if live:
-        return f"running ({live['text']})"
-    folder = Path(path)
-    folder = folder.parent if folder.name == PROBES_DIR else folder
-    if not (folder / RUN_META).is_file():
-        return "not being written"
-    steps = read_run_meta(folder / RUN_META)["train_config"].get("steps")
-    ckpts = step_checkpoints(folder)
-    last = step_from_name(ckpts[-1]) if ckpts else None
-    if last is not None and steps is not None and last >= steps:
-        return f"finished at step {last}"
-    if last is not None:
-        return f"stopped at step {last} of {steps} (its last checkpoint): continue with --resume"
-    return "stopped before its first checkpoint: start it again with --overwrite"

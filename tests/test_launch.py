@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from gpas_probe.config import GateGranularity, NormScheme, ScalingMode, get_preset
+from gpas_probe.config import GateGranularity, NormScheme, ScalingMode, get_preset, parse_choice
 from gpas_probe.distributed import DistContext
-from gpas_probe.launch import TrainOptions, parse_choice, probe_config, run_label
+from gpas_probe.launch import TrainOptions, probe_config, run_label
 
 
 def test_options_build_the_presets_configs_with_what_was_given() -> None:
@@ -65,7 +65,7 @@ def test_labels_and_choices() -> None:
 @pytest.mark.parametrize("options, message", [
     (dict(gate="sublayer"), "--gate: GPAS gate options do nothing without --gpas"),
     (dict(fixed_gate=0.5), "--fixed-gate: GPAS gate options do nothing without --gpas"),
-    (dict(train={"gate_clip": 0.1}), "--clip-gate-grad: GPAS gate options do nothing without --gpas"),
+    (dict(train={"gate_clip": 0.1}), "--gate-grad-clip: GPAS gate options do nothing without --gpas"),
     (dict(gate="layer", fixed_gate=0.1), "--gate, --fixed-gate: GPAS gate options"),
     (dict(post_layers=2), "--post-layers is a Mix-LN option: add --norm mixln, or leave it out (the scheme is pre)"),
     (dict(norm="sandwich", gpas=True, post_layers=1), "--post-layers is a Mix-LN option"),

@@ -100,12 +100,14 @@ def paired_differences(data: pd.DataFrame, groups: Mapping[str, str], seeds: Map
     return pd.DataFrame(rows).set_index("group")
 
 
-def run_groups(paths: Sequence[str | Path]) -> tuple[dict[str, str], dict[str, int | None]]:
-    """``(run_id -> group, run_id -> seed)`` of run folders, from their probe metadata."""
+def run_groups(paths: Sequence[str | Path], run_ids: Sequence[str] | None = None
+               ) -> tuple[dict[str, str], dict[str, int | None]]:
+    """``(run_id -> group, run_id -> seed)`` of run folders, from their probe metadata; ``run_ids``
+    replace the stored ids (as in :func:`gpas_probe.store.load_runs`)."""
     metas = {}
-    for path in paths:
+    for i, path in enumerate(paths):
         meta = read_meta(path)
-        metas[str(meta.get("run_id", Path(path).name))] = meta
+        metas[str(meta.get("run_id", Path(path).name)) if run_ids is None else run_ids[i]] = meta
     return group_runs(metas), {run: seed_of(meta) for run, meta in metas.items()}
 
 

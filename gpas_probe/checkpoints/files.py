@@ -13,22 +13,22 @@ import logging
 import pickle
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from typing import TYPE_CHECKING, Any
 
 from gpas_probe.errors import first_line
-from gpas_probe.evaldata import TOKENIZER_FILE
 from gpas_probe.hf.gguf import gguf_config, gguf_file, gguf_tokenizer
 from gpas_probe.jsonfile import read_object
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 SAFE_NAME, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_NAME, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
+#: A checkpoint's own tokenizer (read by :mod:`gpas_probe.evaldata`).
+TOKENIZER_FILE = "tokenizer.json"
 #: The file our own checkpoints hold their weights in.
 WEIGHTS_NAME = SAFE_NAME
 
@@ -61,6 +61,9 @@ def _unreadable(f: Path, e: BaseException) -> ValueError:
 
 
 def _load_safetensors(f: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file  # torch, imported where weights are read (module doc)
+
     try:
         return load_file(f)
     except (SafetensorError, OSError, ValueError) as e:
@@ -68,6 +71,8 @@ def _load_safetensors(f: Path) -> dict[str, torch.Tensor]:
 
 
 def _load_bin(f: Path) -> dict[str, torch.Tensor]:
+    import torch
+
     try:
         state = torch.load(f, map_location="cpu", weights_only=True)
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError, ValueError) as e:
@@ -122,6 +127,8 @@ def read_weights(ckpt_dir: str | Path) -> dict[str, torch.Tensor]:
 
 def stored_dtype(state: dict[str, torch.Tensor]) -> torch.dtype:
     """The floating dtype the weights are stored in (the embedding's, else the first float tensor's)."""
+    import torch
+
     t = state.get("model.embed_tokens.weight")
     if t is None:
         t = next((v for v in state.values() if v.is_floating_point()), None)

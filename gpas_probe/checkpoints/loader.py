@@ -14,15 +14,13 @@ from gpas_probe.checkpoints.files import read_config
 from gpas_probe.checkpoints.foreign import architecture, load_foreign
 from gpas_probe.checkpoints.native import is_native, load_native
 from gpas_probe.checkpoints.steps import checkpoint_step, resolve_checkpoint, step_checkpoints, step_from_name
+from gpas_probe.config import BACKENDS
 from gpas_probe.devices import resolve_dtype
 from gpas_probe.hf.gguf import gguf_file, load_gguf_causal_lm
 from gpas_probe.hf.loading import load_hf_causal_lm
 
 log = logging.getLogger(__name__)
 
-#: How a checkpoint loads: ``native`` into our model (ours, the GPAS code's, LLaMA, Mistral, Qwen2),
-#: ``hf`` with transformers, ``auto`` natively when the native loader reads it, else with transformers.
-BACKENDS = ("auto", "native", "hf")
 
 
 @dataclass

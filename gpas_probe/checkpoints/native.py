@@ -7,7 +7,9 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import os
 import shutil
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -60,6 +62,8 @@ def save_checkpoint(model: Transformer, path: str | Path, step: int | None = Non
             raise OSError(errno.ENOSPC if no_space else errno.EIO,
                           "No space left on device" if no_space else first_line(e), str(path)) from None
         (tmp / CONFIG_NAME).write_text(json.dumps(hf_config(model.config, step), indent=2) + "\n")
+        # safetensors writes its file private (0600); give it the mode of every other file we write
+        os.chmod(tmp / WEIGHTS_NAME, stat.S_IMODE((tmp / CONFIG_NAME).stat().st_mode))
         for name, obj in (extra_files or {}).items():
             torch.save(obj, tmp / name)
         for name in marks:

@@ -13,32 +13,37 @@ Importing this package does not need transformers; the functions that do raise a
 naming the extra.
 """
 
-from gpas_probe.hf.importance import layer_importance
-from gpas_probe.hf.loading import load_hf_causal_lm, logits, require_transformers
-from gpas_probe.model.adapter import (
-    ATTR,
-    LAYOUTS,
-    HFLayer,
-    Layout,
-    find_decoder_layers,
-    instrument,
-    instrument_if_hf,
-    is_hf_model,
-    is_instrumented,
-    layout_of,
-    uninstrument,
-)
+from typing import TYPE_CHECKING
+
+from gpas_probe.lazy import lazy_exports
+
+# each name imports its module on first use (gpas_probe.lazy); the Trainer callback subclasses
+# transformers' TrainerCallback, so `import gpas_probe.hf` works without the extra
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "gpas_probe.hf.callback": ("GpasProbeCallback",),
+    "gpas_probe.hf.importance": ("layer_importance",),
+    "gpas_probe.hf.loading": ("load_hf_causal_lm", "logits", "require_transformers"),
+    "gpas_probe.model.adapter": ("ATTR", "LAYOUTS", "HFLayer", "Layout", "find_decoder_layers", "instrument",
+                                 "instrument_if_hf", "is_hf_model", "is_instrumented", "layout_of", "uninstrument"),
+})
+
+if TYPE_CHECKING:
+    from gpas_probe.hf.importance import layer_importance
+    from gpas_probe.hf.loading import load_hf_causal_lm, logits, require_transformers
+    from gpas_probe.model.adapter import (
+        ATTR,
+        LAYOUTS,
+        HFLayer,
+        Layout,
+        find_decoder_layers,
+        instrument,
+        instrument_if_hf,
+        is_hf_model,
+        is_instrumented,
+        layout_of,
+        uninstrument,
+    )
 
 __all__ = ["ATTR", "LAYOUTS", "HFLayer", "Layout", "find_decoder_layers", "instrument", "instrument_if_hf",
            "is_hf_model", "is_instrumented", "layer_importance", "layout_of", "load_hf_causal_lm", "logits",
            "require_transformers", "uninstrument"]
-
-
-def __getattr__(name: str) -> object:
-    # the Trainer callback subclasses transformers' TrainerCallback, so its module needs transformers:
-    # it is imported on first use, and `import gpas_probe.hf` works without the extra
-    if name == "GpasProbeCallback":
-        from gpas_probe.hf.callback import GpasProbeCallback
-
-        return GpasProbeCallback
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

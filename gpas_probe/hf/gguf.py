@@ -21,16 +21,18 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-import torch
-from torch import nn
 
 from gpas_probe.atomic import write_text_atomic
 from gpas_probe.errors import first_line
 from gpas_probe.extras import require
 from gpas_probe.hf.loading import load_hf_causal_lm, quiet, require_transformers
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 

@@ -52,10 +52,23 @@ Modules: ``config`` (:class:`ProfileConfig`: evaluation batches, loading, measur
 (which checkpoints share a run folder) and ``runner`` (:func:`profile_many`, :func:`profile_checkpoint`).
 """
 
-from gpas_probe.profile.config import DELETION_MODES, EvalSpec, LoadSpec, Measurements, ProfileConfig
-from gpas_probe.profile.groups import PROFILE_FILE, checkpoint_groups
-from gpas_probe.profile.measure import profile_model
-from gpas_probe.profile.runner import ProfileProgress, profile_checkpoint, profile_many
+from typing import TYPE_CHECKING
 
-__all__ = ["DELETION_MODES", "PROFILE_FILE", "EvalSpec", "LoadSpec", "Measurements", "ProfileConfig", "ProfileProgress",
-           "checkpoint_groups", "profile_checkpoint", "profile_many", "profile_model"]
+from gpas_probe.lazy import lazy_exports
+
+# each name imports its module on first use (gpas_probe.lazy): importing the package costs nothing
+__getattr__, __dir__ = lazy_exports(__name__, {
+    "gpas_probe.profile.config": ("DELETION_MODES", "EvalSpec", "LoadSpec", "Measurements", "ProfileConfig"),
+    "gpas_probe.profile.groups": ("PROFILE_FILE", "checkpoint_groups"),
+    "gpas_probe.profile.measure": ("profile_model",),
+    "gpas_probe.profile.runner": ("ProfileProgress", "profile_checkpoint", "profile_many"),
+})
+
+if TYPE_CHECKING:
+    from gpas_probe.profile.config import DELETION_MODES, EvalSpec, LoadSpec, Measurements, ProfileConfig
+    from gpas_probe.profile.groups import PROFILE_FILE, checkpoint_groups
+    from gpas_probe.profile.measure import profile_model
+    from gpas_probe.profile.runner import ProfileProgress, profile_checkpoint, profile_many
+
+__all__ = ["DELETION_MODES", "PROFILE_FILE", "EvalSpec", "LoadSpec", "Measurements", "ProfileConfig",
+           "ProfileProgress", "checkpoint_groups", "profile_checkpoint", "profile_many", "profile_model"]

@@ -2,36 +2,57 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from gpas_probe.config import BACKENDS, check_threads
 
-from gpas_probe.checkpoints import BACKENDS
-from gpas_probe.config import check_threads
+if TYPE_CHECKING:
+    import torch
+
+#: Evaluation window length when neither the run's training length nor a shorter model maximum is known
+#: (a long-context model is profiled on windows of this length, not its maximum: that would cost more
+#: than the profile's other settings suggest).
+DEFAULT_SEQ_LEN = 256
 
 
 @dataclass(frozen=True)
 class EvalSpec:
     """The evaluation batches (:mod:`gpas_probe.evaldata`): ``data`` (``"builtin"``, a text file, or
     ``.npy``/``.bin`` tokens), ``tokenizer`` (a ``tokenizer.json`` for text; default: a checkpoint's own
-    when it has one, else bytes), and ``batches`` batches of ``batch_size`` windows of ``seq_len`` tokens."""
+    when it has one, else bytes), and ``batches`` batches of ``batch_size`` windows of ``seq_len`` tokens.
+    ``seq_len=None`` (the default) is chosen per profile by :meth:`with_seq_len`: the length the run was
+    trained on when its ``run.json`` says, else the model's maximum up to :data:`DEFAULT_SEQ_LEN`."""
 
     data: str | Path = "builtin"
     tokenizer: Any = None
     batches: int = 8
     batch_size: int = 8
-    seq_len: int = 256
+    seq_len: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("batches", "batch_size", "seq_len"):
-            if getattr(self, name) <= 0:
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+
+    def with_seq_len(self, trained: int | None, max_len: int | None) -> tuple[EvalSpec, str]:
+        """This spec with its ``seq_len`` chosen when it was None (class doc), and why, in words."""
+        if self.seq_len is not None:
+            return self, "as given"
+        if trained:
+            return replace(self, seq_len=trained), "the run's training length"
+        if max_len and max_len <= DEFAULT_SEQ_LEN:
+            return replace(self, seq_len=max_len), "the model's maximum"
+        why = f"the default; the model's maximum is {max_len}" if max_len else "the default"
+        return replace(self, seq_len=DEFAULT_SEQ_LEN), why
 
     @property
     def sizes(self) -> tuple[int, int, int]:
-        """``(batch_size, seq_len, batches)``, the arguments of :meth:`gpas_probe.evaldata.EvalData.batches`."""
+        """``(batch_size, seq_len, batches)``, the arguments of :meth:`gpas_probe.evaldata.EvalData.batches`
+        (``seq_len`` must have been chosen: :meth:`with_seq_len`)."""
+        if self.seq_len is None:
+            raise ValueError("seq_len not chosen yet: call with_seq_len first")
         return self.batch_size, self.seq_len, self.batches
 
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from gpas_probe.checkpoints import CONFIG_NAME, resolve_checkpoint, run_of, step_checkpoints, step_from_name
+from gpas_probe.folders import RUN_META, read_run_meta
 
 PROFILE_FILE = "profile.json"
 
@@ -62,3 +63,15 @@ def check_destination(dest: Path, overwrite: bool) -> None:
         raise FileExistsError(f"{dest} already exists; pass --overwrite to replace it")
     if not (dest / PROFILE_FILE).is_file():
         raise FileExistsError(f"{dest} exists and is not a profile folder (no {PROFILE_FILE}); refusing to replace it")
+
+
+def trained_seq_len(ckpt: Path) -> int | None:
+    """The sequence length the checkpoint's run was trained on, from its ``run.json`` (ours), or None."""
+    meta = run_of(Path(ckpt).resolve()) / RUN_META
+    if not meta.is_file():
+        return None
+    try:
+        seq_len = read_run_meta(meta)["train_config"].get("seq_len")
+    except ValueError:
+        return None  # not one of ours: its length is unknown
+    return int(seq_len) if isinstance(seq_len, int) and seq_len > 0 else None

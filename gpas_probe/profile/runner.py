@@ -9,7 +9,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +27,13 @@ from gpas_probe.devices import resolve_device, resolve_dtype
 from gpas_probe.evaldata import EvalData, load_eval_data
 from gpas_probe.lock import RunLock
 from gpas_probe.profile.config import EvalSpec, ProfileConfig
-from gpas_probe.profile.groups import PROFILE_FILE, check_destination, check_run_id, checkpoint_groups
+from gpas_probe.profile.groups import (
+    PROFILE_FILE,
+    check_destination,
+    check_run_id,
+    checkpoint_groups,
+    trained_seq_len,
+)
 from gpas_probe.profile.measure import profile_model
 from gpas_probe.profile.streamed import open_streamed, profile_streamed
 from gpas_probe.progress import PhaseReport
@@ -128,14 +134,19 @@ def _profile_groups(groups: dict[str, list[Path]], out: Path, config: ProfileCon
         callback(p)
 
     tell(ProfileProgress(name, first, None, "data", 0, 0))
-    ev, measure = config.evaluation, config.measure
+    max_len = read_config(first).get("max_position_embeddings")
+    ev, why = config.evaluation.with_seq_len(trained_seq_len(first), max_len if isinstance(max_len, int) else None)
+    if why != "as given":
+        log.info("evaluation windows of %d tokens (%s)", ev.seq_len, why)
+    config = replace(config, evaluation=ev)
+    measure = config.measure
     per_ckpt = source.get(first).num_batches(*ev.sizes)  # one pass over the batches
     if loading.stream:  # a sweep through the layers (two with a backward), and the head
         backward = measure.activations or measure.estimate
         per_ckpt = int(read_config(first).get("num_hidden_layers") or 0) * (2 if backward else 1) + 1
     counter = {"done": 0, "total": per_ckpt * sum(len(g) for g in groups.values())}
     options = {"data": {**source.get(first).spec(), "batches": ev.batches, "batch_size": ev.batch_size,
-                        "seq_len": ev.seq_len},
+                        "seq_len": ev.seq_len, "seq_len_from": why},
                "norm": loading.norm, "post_layers": loading.post_layers, "dtype": str(dtype) if dtype else None,
                "device": str(device), "importance": measure.importance, "deletion": measure.deletion,
                "activations": measure.activations,

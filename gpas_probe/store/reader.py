@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,11 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return json.loads(kv[META_KEY])
 
 
+def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
+    """Sorts names with their numbers in order: ``angular_n2`` before ``angular_n10``."""
+    return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name))
+
+
 def run_info(path: str | Path) -> dict[str, Any]:
     """A summary of a recorded run: steps, layers, sites, statistics, rows and bytes on disk."""
     p = probes_dir(path)
@@ -172,8 +178,8 @@ def run_info(path: str | Path) -> dict[str, Any]:
         "steps": f"{len(probed)} recorded by the probes, {len(steps)} with rows"
         + (f", {steps[0]}..{steps[-1]}" if steps else ""),
         "layers": len(layers),
-        "sites": ", ".join(sorted(frame["site"].unique().tolist())),
-        "stats": ", ".join(sorted(frame["stat"].unique().tolist())),
+        "sites": ", ".join(sorted(frame["site"].unique().tolist(), key=natural_key)),
+        "stats": ", ".join(sorted(frame["stat"].unique().tolist(), key=natural_key)),
         "rows": f"{len(frame):,}",
         "size": f"{size:,} bytes in {len(files)} chunk(s)"
         + (f", {size / len(frame):.1f} bytes/row" if len(frame) else ""),

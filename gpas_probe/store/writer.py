@@ -16,7 +16,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-import torch
 
 from gpas_probe._version import __version__
 from gpas_probe.atomic import write_atomic, write_text_atomic
@@ -83,6 +82,8 @@ def git_revision(cwd: str | Path | None = None) -> str | None:
 
 def run_metadata(run_id: str, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """The metadata stored with a run's probes: ``extra`` (the caller's configs) plus versions."""
+    import torch  # here, not at the top: reading a run never imports torch
+
     own = {
         "schema_version": SCHEMA_VERSION,
         "run_id": run_id,

@@ -178,8 +178,8 @@ CASES: dict[str, tuple[Case, str]] = {
         "config.json: not a model configuration (a JSON object expected, found list)"),
     # options that would do nothing
     "GPAS gate options without --gpas": (
-        lambda tmp, run, text: _train(tmp / "new", text, "--gate", "sublayer", "--clip-gate-grad", "0.1"),
-        "--gate, --clip-gate-grad: GPAS gate options do nothing without --gpas (or --naive); add it, or leave "
+        lambda tmp, run, text: _train(tmp / "new", text, "--gate", "sublayer", "--gate-grad-clip", "0.1"),
+        "--gate, --gate-grad-clip: GPAS gate options do nothing without --gpas (or --naive); add it, or leave "
         "them out"),
     "--fixed-gate without --gpas": (
         lambda tmp, run, text: _train(tmp / "new", text, "--fixed-gate", "0.5"),
