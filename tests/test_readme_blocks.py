@@ -66,15 +66,7 @@ SUBSTITUTIONS: list[tuple[str, str]] = [
 ]
 
 #: Blocks the README gets wrong, by test id: xfail(strict=True), so that they show and are fixed in the README.
-README_ERRORS: dict[str, str] = {
-    "python-api-1": "in README order, train(..., out='runs/pre-gpas') meets the run the Command line block wrote "
-                    "there: FileExistsError: runs/pre-gpas already holds a run (tests/test_readme_example.py runs "
-                    "the block alone)",
-    "profiling-a-checkpoint-layer-importance-and-a-diagnosis-3":
-        "in README order, profile_checkpoint('runs/demo/pre-gpas', 'profiles', ...) meets the profile the bash block "
-        "above wrote: FileExistsError: profiles/pre-gpas already exists (tests/test_readme_example.py runs the block "
-        "alone)",
-}
+README_ERRORS: dict[str, str] = {}
 
 
 def _checkpoints(run: Path) -> list[str]:

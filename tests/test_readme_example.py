@@ -53,7 +53,7 @@ def test_readme_python_api_example(tmp_path, monkeypatch):
     exec(compile(code.replace("steps=300", "steps=3"), "README.md", "exec"), scope)
     assert scope["logits"].shape == (2, 64, scope["config"].vocab_size) and torch.isfinite(scope["logits"]).all()
     assert scope["ckpt"].step == 3 and scope["ckpt"].path.name == "step_000003"
-    assert sorted(load_run("runs/pre-gpas").query("stat == 'var'")["step"].unique()) == [1]
+    assert sorted(load_run("runs/api").query("stat == 'var'")["step"].unique()) == [1]
 
 
 def test_readme_profile_example(tmp_path, monkeypatch):
@@ -65,7 +65,7 @@ def test_readme_profile_example(tmp_path, monkeypatch):
     scope: dict = {}
     exec(compile(_block(PROFILE_MARK), "README.md", "exec"), scope)
     folder = scope["folder"]
-    assert folder == Path("profiles/pre-gpas") and (folder / PROFILE_FILE).is_file()
+    assert folder == Path("profiles/notes/pre-gpas") and (folder / PROFILE_FILE).is_file()
     df = load_run(folder)
     assert set(df["step"]) == {2} and {"deletion_delta", "var", "val_loss"} <= set(df["stat"])
 
