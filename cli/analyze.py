@@ -17,14 +17,17 @@ plot_app = typer.Typer(help="Render a figure from one or more runs (side by side
 #: modules import matplotlib, which only a command that draws needs).
 FIGURE_HELP = {
     "variance": "Residual-stream variance across layers, one line per recorded step (log scale).",
-    "heatmap": "Layer x step heatmap of log10 variance.",
-    "ratio": "Shortcut/branch RMS ratio by layer at the last step.",
+    "heatmap": "Layer x step heatmap of log10 variance (a log step axis when early steps are log-spaced).",
+    "ratio": "Shortcut/branch RMS ratio by layer at the last step (or --step).",
     "grad": "Gradient norms by layer: forward (activation) and backward (gradient) views.",
-    "gates": "GPAS gate scale 1 - SiLU(alpha) over training, one line per layer.",
-    "loss": "Training and validation loss curves.",
+    "gates": "GPAS gate scale 1 - SiLU(alpha) over training, one line per layer (runs without gates are left "
+             "out; none with gates is an error).",
+    "loss": "Training and validation loss, raw and smoothed; with several runs, each one's difference from the "
+            "first.",
     "importance": "Layer importance (deletion cost, block influence) as bars per layer, runs side by side.",
     "angular": "Angular distance between h_l and h_(l+n) as the Mix-LN triangle heatmap, one per run.",
-    "importance-steps": "Deletion cost by layer and profiled checkpoint step, one heatmap per run.",
+    "importance-steps": "Deletion cost by layer and profiled checkpoint step, one heatmap per run (two or more "
+                        "profiled checkpoints: train with --checkpoint-every).",
 }
 
 
