@@ -12,6 +12,7 @@ from gpas_probe.cli.analyze import compare_cmd, info_cmd, plot_app
 from gpas_probe.cli.demo import demo_cmd
 from gpas_probe.cli.diagnose import diagnose_cmd
 from gpas_probe.cli.profile import profile_cmd
+from gpas_probe.cli.report import report_cmd
 from gpas_probe.cli.train import train_cmd
 
 _type_label = TyperOption.display_type_rich
@@ -53,6 +54,7 @@ app.command("info")(info_cmd)
 app.command("compare")(compare_cmd)
 app.command("profile")(profile_cmd)
 app.command("diagnose")(diagnose_cmd)
+app.command("report")(report_cmd)
 
 if __name__ == "__main__":
     app()
