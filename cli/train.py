@@ -70,6 +70,9 @@ def train_cmd(
     probe_every: Annotated[int, Opt(help="Record probes on step 1 and every N steps (0 = off).")] = 10,
     probe_schedule: Annotated[str, Opt(help="'every' N steps, or 'log' (log-spaced steps plus every N).")] = "every",
     probe_stats: Annotated[str, Opt(help="Comma list of statistic families to record.")] = ",".join(FAMILIES),
+    log_to: Annotated[str | None, Opt(help="Also send each recorded step's per-layer summary to these loggers: "
+                                           "comma list of tensorboard, wandb, mlflow (rank 0 only; the probe "
+                                           "table stays the record).")] = None,
     verbose: Annotated[bool, Opt("--verbose", "-v", help="Log progress details.")] = False,
 ) -> None:
     """Train a model under one normalization scheme, with or without GPAS.
@@ -86,7 +89,7 @@ def train_cmd(
                     threads=threads)
     options = TrainOptions(preset=preset, norm=norm, gpas=gpas, gate=gate, naive=naive, fixed_gate=fixed_gate,
                            post_layers=post_layers, train=training, probe_every=probe_every,
-                           probe_schedule=probe_schedule, probe_stats=probe_stats, out=out)
+                           probe_schedule=probe_schedule, probe_stats=probe_stats, out=out, log_to=log_to)
     seed_list = parse_seeds(seeds) if seeds is not None else None
     check_launch(dist)
     given = _given(typer_ctx)
@@ -151,7 +154,8 @@ def _train_one(options: TrainOptions, ctx: DistContext, resume_given: set[str] |
                           f"to step {tc.steps}", highlight=False)
 
     result = train(model, tc, run_dir, resume=resume, overwrite=overwrite, probe=probe, dist=ctx, label=label,
-                   progress="auto" if ctx.is_main else "off", meta={"preset": options.preset}, callback=announce)
+                   progress="auto" if ctx.is_main else "off", meta={"preset": options.preset}, callback=announce,
+                   log_to=options.log_to)
     if not ctx.is_main:
         return run_dir, probe is not None
     val = result.final_val_loss

@@ -6,7 +6,7 @@ import importlib
 from types import ModuleType
 
 #: ``pip install`` lines of the extras, by extra name.
-EXTRAS = {"hf": 'pip install "gpas-probe[hf]"'}
+EXTRAS = {name: f'pip install "gpas-probe[{name}]"' for name in ("hf", "tensorboard", "wandb", "mlflow")}
 
 
 def install_hint(extra: str) -> str:

@@ -52,6 +52,7 @@ class TrainOptions:
     probe_schedule: str = "every"
     probe_stats: str = ",".join(FAMILIES)
     out: Path | None = None
+    log_to: str | None = None  # loggers of the probes' summaries (a comma list; checked by train())
 
     def model_config(self) -> ModelConfig:
         """The model: the preset's, with the scheme and GPAS options. An option that would do nothing

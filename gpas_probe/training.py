@@ -34,6 +34,7 @@ from gpas_probe.distributed import (
     wrap_model,
 )
 from gpas_probe.interrupt import deferred_interrupt
+from gpas_probe.loggers import LogConfig, LogTo
 from gpas_probe.loop import Loop, StepInfo, StepObserver, TrainResult, evaluate, lr_factor, make_optimizer
 from gpas_probe.model import Transformer, build_model
 from gpas_probe.probes import Driver, Probe, ProbeConfig
@@ -66,7 +67,7 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out: str | Path 
           resume: bool = False, overwrite: bool = False, observers: Sequence[StepObserver] = (),
           callback: Callable[[StepInfo], None] | None = None, probe: ProbeConfig | None = None,
           meta: dict[str, Any] | None = None, dist: str | DistContext = "none", progress: str = "auto",
-          label: str | None = None) -> TrainResult:
+          label: str | None = None, log_to: LogTo = None) -> TrainResult:
     """Train a model from scratch (or ``resume`` the run in ``out``) and return it.
 
     ``out`` is locked for the run's life (:mod:`gpas_probe.lock`): a second writer is refused. Resume
@@ -79,7 +80,10 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out: str | Path 
     ``progress`` (:data:`gpas_probe.progress.MODES`) shows progress under ``label``: a bar in a terminal or
     notebook, log lines otherwise, or ``"off"``.
 
-    ``probe`` records statistics into ``out/probes/`` (see :class:`gpas_probe.probes.ProbeConfig`).
+    ``probe`` records statistics into ``out/probes/`` (see :class:`gpas_probe.probes.ProbeConfig`);
+    ``log_to`` (``"tensorboard,wandb,mlflow"``, or a :class:`gpas_probe.loggers.LogConfig`) also sends each
+    recorded step's per-layer summary to those loggers, from rank 0 (TensorBoard files in ``out/tensorboard``,
+    W&B's in ``out/wandb``).
     ``callback`` receives a :class:`StepInfo` after every step (the CLI draws its progress bar from
     it); ``observers`` are called around each step (see :class:`StepObserver`).
 
@@ -93,14 +97,24 @@ def train(model_config: ModelConfig, train_config: TrainConfig, out: str | Path 
     """
     with distributed(dist, train_config.device) as ctx:
         return _train(ctx, model_config, train_config, Path(out) if out is not None else None, resume, overwrite,
-                      observers, callback, probe, meta or {}, progress, label)
+                      observers, callback, probe, meta or {}, progress, label, log_to)
 
 
 def _train(ctx: DistContext, model_config: ModelConfig, cfg: TrainConfig, run_dir: Path | None, resume: bool,
            overwrite: bool, observers: Sequence[StepObserver], callback: Callable[[StepInfo], None] | None,
-           probe: ProbeConfig | None, meta: dict[str, Any], progress: str, label: str | None) -> TrainResult:
+           probe: ProbeConfig | None, meta: dict[str, Any], progress: str, label: str | None,
+           log_to: LogTo = None) -> TrainResult:
     if probe is not None and run_dir is None:
         raise mark_shared(ValueError("probes need an output folder (out=...)"))
+    try:  # a bad name or a missing extra: every rank stops, before the run folder is touched
+        logs = LogConfig.of(log_to)
+        if logs is not None:
+            logs.require()
+    except (ValueError, ImportError) as e:
+        raise mark_shared(e) from None
+    if logs is not None and probe is None:
+        raise mark_shared(ValueError("--log-to (log_to) sends the probes' summaries, and probes are off "
+                                     "(--probe-every 0, probe=None): turn them on or leave --log-to out"))
 
     def load_data() -> tuple[Batches, list[tuple[torch.Tensor, torch.Tensor]]]:
         corpus = load_corpus(cfg.data)
@@ -136,7 +150,7 @@ def _train(ctx: DistContext, model_config: ModelConfig, cfg: TrainConfig, run_di
         if start >= cfg.steps:
             log.info("nothing to do: the run is already at step %d of %d", start, cfg.steps)
         result = _run(ctx, model, fwd, optimizer, cfg, batches, val_batches, run_dir, start, observers, callback,
-                      probe, meta, progress, label or model_config.label())
+                      probe, meta, progress, label or model_config.label(), logs)
     except BaseException as e:
         if lock is not None and resumed is None and not isinstance(e, (FloatingPointError, KeyboardInterrupt)):
             discard_run(run_dir)  # a failed start leaves no half-made run
@@ -150,11 +164,13 @@ def _train(ctx: DistContext, model_config: ModelConfig, cfg: TrainConfig, run_di
 def _run(ctx: DistContext, model: Transformer, fwd: nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig,
          batches: Batches, val_batches: list[tuple[torch.Tensor, torch.Tensor]], run_dir: Path | None, start: int,
          observers: Sequence[StepObserver], callback: Callable[[StepInfo], None] | None,
-         probe: ProbeConfig | None, meta: dict[str, Any], progress: str, label: str | None) -> TrainResult:
+         probe: ProbeConfig | None, meta: dict[str, Any], progress: str, label: str | None,
+         logs: LogConfig | None = None) -> TrainResult:
     probe_meta = {k: v for k, v in meta.items() if not k.endswith("_version")}  # the store adds versions
     session = None
-    if probe is not None:
-        session = Probe(model, run_dir, config=probe, meta=probe_meta, driver=Driver.for_training(ctx))
+    if probe is not None:  # loggers on rank 0 only (it alone writes); a logger failing to open stops every rank
+        session = ctx.agree(lambda: Probe(model, run_dir, config=probe, meta=probe_meta,
+                                          driver=Driver.for_training(ctx), log_to=logs if ctx.is_main else None))
     threads = use_threads(cfg.threads, device=ctx.device)
     report = None
     if ctx.is_main and progress != "off":

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from gpas_probe.lock import RunLock
+from gpas_probe.loggers import LogConfig, Loggers, LogTo, is_rank_zero, open_loggers
 from gpas_probe.model.adapter import instrument_if_hf
 from gpas_probe.model.hooks import ProbedLayer, probed_layers
 from gpas_probe.probes.accumulator import Key
@@ -87,13 +88,15 @@ class Probe:
     ``meta`` (the caller's model/train configs) is stored with the rows. ``optimizer`` lets
     :meth:`step` read the learning rate. ``model`` may be given later with :meth:`bind`. ``driver``
     (:class:`~gpas_probe.probes.driver.Driver`) declares who drives the probe; the default is a user's
-    own loop in one process.
+    own loop in one process. ``log_to`` (names, a comma list or a :class:`~gpas_probe.loggers.LogConfig`)
+    sends each recorded step's summary to TensorBoard, W&B or MLflow too, from the process that writes
+    rows (rank 0 of a ``torch.distributed`` group).
     """
 
     def __init__(self, model: nn.Module | None = None, out: str | Path | None = None, *,
                  config: ProbeConfig | None = None, schedule: Schedule | None = None, run_id: str | None = None,
                  meta: dict[str, Any] | None = None, optimizer: torch.optim.Optimizer | None = None,
-                 driver: Driver | None = None, if_exists: str = "error") -> None:
+                 driver: Driver | None = None, if_exists: str = "error", log_to: LogTo = None) -> None:
         self.config = config or ProbeConfig()
         self.schedule = schedule or make_schedule(self.config)
         self.out = Path(out) if out is not None else None
@@ -108,6 +111,10 @@ class Probe:
             raise ValueError(f"unknown if_exists {if_exists!r}; choose one of {', '.join(IF_EXISTS)}")
         self.if_exists = if_exists
         self._lock: RunLock | None = None
+        self._log = LogConfig.of(log_to)
+        if self._log is not None:
+            self._log.require()  # a missing extra fails here, before anything is opened
+        self._loggers: Loggers | None = None
         self._trim = False  # rows of a folder appended to are trimmed at the first step recorded
         self._activations: ActivationStats | None = None
         self._last: tuple[int, dict[Key, float]] | None = None  # the last recorded step's values
@@ -136,14 +143,21 @@ class Probe:
             self._model_stats = ModelStats(model)
             self._families.append(self._model_stats)
         self.model = model
+        meta = {"probe_config": cfg.to_dict(), **self._meta}
+        if "model_config" not in meta and (mc := _model_config(model)) is not None:
+            meta["model_config"] = mc
+        if self.driver.write and self.out is not None and not self.driver.owns_folder:
+            self._open_folder()
+        if self._log is not None and self.driver.write and is_rank_zero():
+            try:  # after the folder's checks, before its first file
+                self._loggers = open_loggers(self._log, depth=len(blocks), out=self.out, run_id=self.run_id,
+                                             meta={"run_id": self.run_id, **meta})
+            except BaseException:
+                self.close()
+                raise
         if not self.driver.write:
             self._writer = NullWriter()
         elif self.out is not None:
-            if not self.driver.owns_folder:
-                self._open_folder()
-            meta = {"probe_config": cfg.to_dict(), **self._meta}
-            if "model_config" not in meta and (mc := _model_config(model)) is not None:
-                meta["model_config"] = mc
             self._writer = ProbeWriter(self.out / PROBES_DIR, self.run_id, meta,
                                        flush_rows=cfg.flush_rows, flush_steps=cfg.flush_steps,
                                        flush_seconds=cfg.flush_seconds)
@@ -256,10 +270,12 @@ class Probe:
         finally:
             self._disarm()
         self._last = (step, values)
-        emit = self._emit(step)
+        emit = self._emit(step) if self._loggers is None else self._loggers.tee(self._emit(step))
         for family in self._families:
             family.rows(values, info, emit)
         self._writer.end_step()  # type: ignore[union-attr]
+        if self._loggers is not None:  # the same host rows, summarised: nothing more is read from the device
+            self._loggers.end_step(step)
 
     # -- observer protocol (gpas_probe.train) ---------------------------------------------------
     def begin_step(self, step: int) -> None:
@@ -342,6 +358,8 @@ class Probe:
             if self._writer is not None:
                 self._writer.close()
         finally:
+            if self._loggers is not None:
+                self._loggers.close()  # a logger that fails to close is reported, not raised
             if self._lock is not None:
                 self._lock.release()
 
@@ -362,7 +380,8 @@ def attach(model: nn.Module, out: str | Path | None = None, *, every: int = 100,
     ``every`` sets the schedule unless ``schedule`` or ``config`` is given. ``out`` is locked until the
     probe closes (a second writer is refused); a folder that already holds probe rows is refused unless
     ``if_exists`` is ``"append"`` (a resumed loop: rows of the steps it records again are replaced, so
-    each key stays unique) or ``"overwrite"``.
+    each key stays unique) or ``"overwrite"``. ``log_to`` (e.g. ``"tensorboard,wandb"``) also sends each
+    recorded step's summary to those loggers (see :class:`Probe`).
     """
     if schedule is None and config is None:
         schedule = Every(every)
