@@ -1,7 +1,9 @@
-"""Training-step overhead of the probes: recording every step, every 10, every 100, and no probes.
+"""Training-step overhead of the probes: recording every step, every 10, every 100, and no probes; and
+recording every step and every 100 with a TensorBoard logger attached (``--log-to tensorboard``).
 
-One model and one optimizer; the variants (no probe, and a :class:`~gpas_probe.probes.Probe` recording
-every 1, 10 and 100 of its own steps) take turns step by step in one process, in an order that
+One model and one optimizer; the variants (no probe, a :class:`~gpas_probe.probes.Probe` recording
+every 1, 10 and 100 of its own steps, and probes recording every 1 and 100 steps that also send each
+recorded step's summary to TensorBoard) take turns step by step in one process, in an order that
 rotates every round, so drifting machine load hits every variant alike. A step mirrors
 :func:`gpas_probe.train`: lr update, ``begin_step``, forward (bf16 autocast with ``--dtype
 bf16``, as ``train`` does on CUDA), backward, ``after_backward``, global gradient clip, gate clip,
@@ -14,7 +16,9 @@ the medians of those ratios give the cost of a recorded and of a not-recorded st
 amortised overhead of recording every N steps is ``(recorded + (N - 1) x not recorded) / N``. The
 ratio of total times over the run is printed as a cross-check (noisier: it is a mean). On a CPU
 both wall-clock and process CPU time are reported (CPU time is less disturbed by other processes).
-``--breakdown`` instead times each statistic family alone, recording every step.
+``--breakdown`` instead times each statistic family alone, recording every step. The logger variants
+(left out with ``--no-logger``, or when the ``tensorboard`` package is missing) are reported apart: their
+recorded and not-recorded steps against the same no-probe steps.
 
 Goals: every-step overhead <= 5% for the ``small`` preset on a CPU with 1 thread, <= 3% for ``medium``
 and on a GPU; every-100 <= 1%; a not-recorded step costs the same as a step with no probes.
@@ -22,6 +26,7 @@ and on a GPU; every-100 <= 1%; a not-recorded step costs the same as a step with
     python benchmarks/probe_overhead.py                        # small preset (24 x 64), CPU, 1 thread
     python benchmarks/probe_overhead.py --threads 2 --rounds 100
     python benchmarks/probe_overhead.py --breakdown --rounds 30
+    python benchmarks/probe_overhead.py --preset tiny --rounds 3 --warmup 1   # does it run?
     python benchmarks/probe_overhead.py --compile              # as train --compile
     python benchmarks/probe_overhead.py --device cuda --preset 71m --dtype bf16
 """
@@ -42,6 +47,7 @@ from _machine import torch_machine, torch_setup
 
 from gpas_probe.config import ModelConfig, TrainConfig, get_preset
 from gpas_probe.gpas import clip_gate_grad_
+from gpas_probe.loggers import LogConfig
 from gpas_probe.model import build_model
 from gpas_probe.probes import FAMILIES, Driver, Every, Probe, ProbeConfig
 from gpas_probe.training import StepInfo, make_optimizer
@@ -49,6 +55,8 @@ from gpas_probe.training import StepInfo, make_optimizer
 TRAINING = Driver(grads_at_backward_end=True, grad_norm_given=True)  # the driver train() is, in one process
 
 EVERY = (1, 10, 100)
+LOGGED = (1, 100)  # schedules also run with a TensorBoard logger attached
+LOGGER = " + tensorboard"
 GOALS = {"small": {1: 0.05, 100: 0.01}, "other": {1: 0.03, 100: 0.01}}
 NOT_RECORDED_TOLERANCE = 0.01  # a not-recorded step within 1% of a plain one counts as "the same"
 
@@ -139,11 +147,43 @@ def whole_run(rounds: list[dict[str, Sample]], name: str, clock: str) -> float:
     return sum(getattr(s[name], clock) for s in rounds) / sum(getattr(s["none"], clock) for s in rounds) - 1
 
 
+def logger_variants(model: torch.nn.Module, tmp: Path, enabled: bool) -> dict[str, Probe | None]:
+    """Probes recording every 1 and 100 steps with a TensorBoard logger, when asked for and installed."""
+    if not enabled:
+        return {}
+    try:
+        LogConfig.of("tensorboard").require()  # type: ignore[union-attr]
+    except ImportError as e:
+        print(f"no logger variants: {e}")
+        return {}
+    return {f"every {n}{LOGGER}": Probe(model, tmp / f"logged{n}", config=ProbeConfig(), schedule=Every(n),
+                                        driver=TRAINING, log_to="tensorboard") for n in LOGGED}
+
+
+def report_loggers(rounds: list[dict[str, Sample]], names: list[str], clocks: tuple[str, ...],
+                   without: dict[str, tuple[float, float, dict[int, float]]]) -> None:
+    """The logger variants' recorded and not-recorded steps, against the no-probe steps of their rounds."""
+    print(f"\nwith a TensorBoard logger attached ({', '.join(names)}):")
+    for clock in clocks:
+        rec = statistics.median(v for n in names for v in ratios(rounds, n, clock, True))
+        unrec = statistics.median(v for n in names for v in ratios(rounds, n, clock, False))
+        print(f"  [{clock} clock] recorded step {rec:+.2%} (without a logger {without[clock][0]:+.2%}); "
+              f"not-recorded step {unrec:+.2%}; every 100 {(rec + 99 * unrec) / 100:+.2%} amortised")
+    clock = clocks[-1]
+    rec = statistics.median(v for n in names for v in ratios(rounds, n, clock, True))
+    unrec = statistics.median(v for n in names for v in ratios(rounds, n, clock, False))
+    print(f"summary | recorded step + tensorboard | {rec:+.2%} | without a logger {without[clock][0]:+.2%} | -")
+    same = abs(unrec) <= NOT_RECORDED_TOLERANCE
+    print(f"summary | not-recorded step + tensorboard | {unrec:+.2%} | same as no probes (within "
+          f"{NOT_RECORDED_TOLERANCE:.0%}) | {'met' if same else 'missed'}")
+
+
 def main_schedules(args: argparse.Namespace, runner: Runner, model: torch.nn.Module, tmp: Path) -> None:
     probes: dict[str, Probe | None] = {"none": None}
     for n in EVERY:
         probes[f"every {n}"] = Probe(model, tmp / f"every{n}", config=ProbeConfig(), schedule=Every(n),
                                       driver=TRAINING)  # as train() does
+    probes.update(logger_variants(model, tmp, args.logger))
     rounds = interleave(runner, probes, args.rounds, args.warmup)
     for p in probes.values():
         if p is not None:
@@ -155,7 +195,7 @@ def main_schedules(args: argparse.Namespace, runner: Runner, model: torch.nn.Mod
     base = statistics.median(s["none"].wall for s in rounds)
     print(f"\nstep with no probes: median {base * 1e3:.2f} ms wall; a recorded step writes {rows:,} rows")
     print("overheads: medians over rounds of (variant step time / no-probe step time of the same round) - 1")
-    probe_names = [n for n in probes if n != "none"]
+    probe_names = [n for n in probes if n != "none" and not n.endswith(LOGGER)]
     results = {}
     for clock in clocks:
         rec = statistics.median(v for n in probe_names for v in ratios(rounds, n, clock, True))
@@ -180,6 +220,9 @@ def main_schedules(args: argparse.Namespace, runner: Runner, model: torch.nn.Mod
     same = abs(unrec) <= NOT_RECORDED_TOLERANCE
     print(f"summary | not-recorded step | {unrec:+.2%} | same as no probes (within "
           f"{NOT_RECORDED_TOLERANCE:.0%}) | {'met' if same else 'missed'}")
+    logged = [n for n in probes if n.endswith(LOGGER)]
+    if logged:
+        report_loggers(rounds, logged, clocks, results)
 
 
 def main_breakdown(args: argparse.Namespace, runner: Runner, model: torch.nn.Module, tmp: Path) -> None:
@@ -216,6 +259,8 @@ def main() -> None:
                     help="bf16: bf16 autocast, as train() runs on CUDA; fp32: plain fp32, as on CPU")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--breakdown", action="store_true", help="time each statistic family alone instead")
+    ap.add_argument("--logger", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run every 1 and every 100 with a TensorBoard logger attached (default on)")
     ap.add_argument("--compile", action="store_true",
                     help="as train --compile: unrecorded steps compiled, recorded steps eager")
     args = ap.parse_args()
