@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-import numpy as np
 import typer
-from rich.table import Table
+from rich.text import Text
 
-from gpas_probe.cli.common import console, friendly_errors, print_wide, read_runs, resolve_runs
+from gpas_probe.cli.common import console, friendly_errors, print_wide, read_runs, resolve_runs, rich_table
 
 plot_app = typer.Typer(help="Render a figure from one or more runs (side by side).", no_args_is_help=True)
 
@@ -106,23 +105,6 @@ for _kind in FIGURE_HELP:
     plot_app.command(_kind)(_plot_command(_kind))
 
 
-def _fmt(v: object) -> str:
-    if isinstance(v, (float, np.floating)):
-        return "-" if v != v else f"{v:.4g}"
-    return str(v)
-
-
-def print_table(df, title: str) -> None:
-    table = Table(title=title)
-    width = max([len(str(i)) for i in df.index] + [len(str(df.index.name or ""))])
-    table.add_column(df.index.name or "", no_wrap=True, min_width=width)
-    for col in df.columns:
-        table.add_column(str(col), justify="right", overflow="fold")  # wrap, never truncate
-    for idx, row in zip(df.index, df.itertuples(index=False), strict=True):  # keeps each column's dtype
-        table.add_row(str(idx), *(_fmt(v) for v in row))
-    print_wide(table)
-
-
 @friendly_errors
 def info_cmd(run: Annotated[Path, typer.Argument(help="A run folder, or an output folder holding one run.")]
              ) -> None:
@@ -136,46 +118,20 @@ def info_cmd(run: Annotated[Path, typer.Argument(help="A run folder, or an outpu
         console.print(f"[bold]{key}[/]: {value}", highlight=False, soft_wrap=True)
 
 
-#: Short column headers for the compare table (the DataFrame keeps the documented names).
-COMPARE_LABELS = {"final_val_loss": "val", "final_loss": "train", "steps": "steps",
-                  "top_bottom_var_ratio": "var ratio", "deep_ratio": "deep ratio",
-                  "gate_min": "gate min", "gate_max": "gate max"}
-COMPARE_LEGEND = ("val/train: final validation and training loss; var ratio: resid_post variance of the top layer "
-                  "/ the bottom layer; deep ratio: mean shortcut/branch RMS ratio over the deepest quarter; "
-                  "gate min/max: range of the GPAS scale 1 - SiLU(alpha) over layers (last step).")
+def print_comparison(data, groups: dict[str, str] | None = None, seeds: dict[str, int | None] | None = None,
+                     title: str | None = None) -> None:
+    """The comparison table (configurations as means over their seeds when ``groups`` groups runs) and the
+    lines under it: its legend, and each configuration's paired difference from the first."""
+    from gpas_probe.report.content import comparison
 
-
-def print_compare(data, title: str) -> None:
-    from gpas_probe.analysis.summary import compare_runs
-
-    print_table(compare_runs(data).rename(columns=COMPARE_LABELS), title)
-    console.print(COMPARE_LEGEND, style="dim", highlight=False)
-
-
-def _bounds(lo: float, hi: float, fmt: str = "{:.3f}") -> str:
-    return "-" if lo != lo else f"[{fmt.format(lo)}, {fmt.format(hi)}]"
-
-
-def print_seed_comparison(data, groups: dict[str, str], seeds: dict[str, int | None]) -> None:
-    """Configurations as means over their seeds, and each one's paired difference from the first."""
-    from gpas_probe.analysis.seeds import paired_differences, seed_summary
-
-    summary = seed_summary(data, groups)
-    summary.insert(2, "val 95%", [_bounds(lo, hi) for lo, hi in zip(summary["val_lo"], summary["val_hi"],
-                                                                     strict=True)])
-    print_table(summary.drop(columns=["val_lo", "val_hi"]).rename(columns=COMPARE_LABELS),
-                "configurations compared: means over their seeds")
-    console.print("val 95%: interval of the mean final validation loss across seeds (Student's t). "
-                  + COMPARE_LEGEND, style="dim", highlight=False)
-    diffs = paired_differences(data, groups, seeds)
-    for name, row in diffs.iterrows():
-        if row["pairs"] < 2:
-            console.print(f"{name}: {row['pairs']} shared seed(s), too few for an interval", highlight=False)
-            continue
-        verdict = "beyond" if row["beyond_noise"] else "within"
-        console.print(f"{name}: final validation loss {row['difference']:+.4f}, 95% interval "
-                      f"{_bounds(row['lo'], row['hi'], '{:+.4f}')} over {row['pairs']} paired seeds: "
-                      f"[bold]{verdict} the seed-to-seed noise[/]", highlight=False)
+    table, lines = comparison(data, groups or {}, seeds or {})
+    if title is not None:
+        table.title = title
+    print_wide(rich_table(table))
+    legend, *differences = lines
+    console.print(Text(legend, style="dim"))
+    for line in differences:
+        console.print(Text(line), soft_wrap=not console.is_terminal)
 
 
 @friendly_errors
@@ -185,12 +141,9 @@ def compare_cmd(runs: Annotated[list[Path], typer.Argument(help="Run folders, or
 
     Runs of one configuration with different seeds (train --seeds) are grouped: mean ± a 95% interval
     across seeds, and each configuration's paired difference of final validation loss from the first."""
-    from gpas_probe.analysis.seeds import grouped, run_groups
+    from gpas_probe.analysis.seeds import run_groups
 
     folders, labels = resolve_runs(runs)
     data = read_runs(folders)
     groups, seeds = run_groups(folders, labels)
-    if grouped(groups):
-        print_seed_comparison(data, groups, seeds)
-    else:
-        print_compare(data, "runs compared")
+    print_comparison(data, groups, seeds)

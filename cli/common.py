@@ -7,7 +7,7 @@ import functools
 import logging
 import shlex
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -16,12 +16,15 @@ from rich.console import Console
 from rich.markup import escape
 from rich.measure import Measurement
 from rich.table import Table
+from rich.text import Text
 
 from gpas_probe.errors import first_line
 from gpas_probe.interrupt import Interrupted
 
 if TYPE_CHECKING:
     import pandas as pd
+
+    from gpas_probe.report.tables import Table as PlainTable
 
 console = Console()
 err_console = Console(stderr=True)
@@ -31,6 +34,20 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryErro
                PermissionError, FloatingPointError, ImportError)
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+def rich_table(table: PlainTable, styles: Mapping[str, str] | None = None) -> Table:
+    """A report's plain table (:mod:`gpas_probe.report.tables`) as a rich table: its cells as text (never
+    markup), bold where bold, a cell's style class through ``styles``, rules after the marked rows, and
+    cells that fold (never cut) when the table is narrower than its natural width."""
+    out = Table(title=table.title or None, title_justify="left")
+    for i, name in enumerate(table.columns):
+        out.add_column(name, justify="left" if i in table.left else "right", overflow="fold")
+    for i, row in enumerate(table.rows):
+        cells = [Text(c.text, style=" ".join(filter(None, ("bold" if c.bold else "",
+                                                           (styles or {}).get(c.style, ""))))) for c in row]
+        out.add_row(*cells, end_section=i in table.rules)
+    return out
 
 
 def print_wide(table: Table) -> None:

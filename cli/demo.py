@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from gpas_probe.cli.analyze import print_compare
+from gpas_probe.cli.analyze import print_comparison
 from gpas_probe.cli.common import console, friendly_errors, print_next, setup_logging
 from gpas_probe.config import NormScheme
 
@@ -45,7 +45,7 @@ def demo_cmd(
         folders.append(folder)
     data = load_runs(folders)
     figures = render_figures(data, out / "figures")
-    print_compare(data, f"{runs[0].label} vs {runs[1].label}, {preset} preset, {steps} steps")
+    print_comparison(data, title=f"{runs[0].label} vs {runs[1].label}, {preset} preset, {steps} steps")
     console.print(f"runs: {', '.join(str(r) for r in folders)}")
     console.print(f"figures ({len(figures)}): {out / 'figures'}/" + "{" + ",".join(DEMO_FIGURES) + "}.png")
     profiles = out / "profiles"

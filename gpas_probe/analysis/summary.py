@@ -85,3 +85,13 @@ def compare_runs(data: pd.DataFrame) -> pd.DataFrame:
         out["gate_min"] = gates.groupby("run_id")["value"].min()
         out["gate_max"] = gates.groupby("run_id")["value"].max()
     return out
+
+#: Short column headers of the comparison table, as ``gpas-probe compare`` and a report print it (the
+#: frame keeps the documented names), and the legend under it.
+COMPARE_LABELS = {"final_val_loss": "val", "final_loss": "train", "steps": "steps",
+                  "top_bottom_var_ratio": "var ratio", "deep_ratio": "deep ratio",
+                  "gate_min": "gate min", "gate_max": "gate max"}
+COMPARE_LEGEND = ("val/train: final validation and training loss; var ratio: resid_post variance of the top layer "
+                  "/ the bottom layer; deep ratio: mean shortcut/branch RMS ratio over the deepest quarter; "
+                  "gate min/max: range of the GPAS scale 1 - SiLU(alpha) over layers (last step).")
+SEED_LEGEND = "val 95%: interval of the mean final validation loss across seeds (Student's t). "

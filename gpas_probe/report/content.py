@@ -18,7 +18,7 @@ import pandas as pd
 from gpas_probe._version import __version__
 from gpas_probe.analysis.diagnosis import diagnose_runs
 from gpas_probe.analysis.seeds import group_runs, grouped, paired_differences, seed_of, seed_summary
-from gpas_probe.analysis.summary import compare_runs
+from gpas_probe.analysis.summary import COMPARE_LABELS, COMPARE_LEGEND, SEED_LEGEND, compare_runs
 from gpas_probe.folders import run_folders, run_labels
 from gpas_probe.report.describe import PROFILE, run_facts, run_kind
 from gpas_probe.report.figures import FigureView, LeftOut, draw_figures, figure_plan
@@ -28,14 +28,6 @@ from gpas_probe.store import PROBES_DIR, load_runs, read_meta
 
 log = logging.getLogger(__name__)
 
-#: Short column headers of the comparison, as ``gpas-probe compare`` prints them.
-COMPARE_LABELS = {"final_val_loss": "val", "final_loss": "train", "steps": "steps",
-                  "top_bottom_var_ratio": "var ratio", "deep_ratio": "deep ratio",
-                  "gate_min": "gate min", "gate_max": "gate max"}
-COMPARE_LEGEND = ("val/train: final validation and training loss; var ratio: resid_post variance of the top layer "
-                  "/ the bottom layer; deep ratio: mean shortcut/branch RMS ratio over the deepest quarter; "
-                  "gate min/max: range of the GPAS scale 1 - SiLU(alpha) over layers (last step).")
-SEED_LEGEND = "val 95%: interval of the mean final validation loss across seeds (Student's t). "
 
 
 @dataclass

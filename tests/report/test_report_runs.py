@@ -13,9 +13,8 @@ import sys
 
 from typer.testing import CliRunner
 
-from gpas_probe.cli import analyze
+from gpas_probe.analysis.summary import COMPARE_LABELS, COMPARE_LEGEND
 from gpas_probe.cli.main import app
-from gpas_probe.report.content import COMPARE_LABELS, COMPARE_LEGEND
 
 runner = CliRunner()
 TRAINING = ["variance", "heatmap", "ratio", "grad", "gates", "loss"]
@@ -39,10 +38,6 @@ def _fails(args: list[object]) -> str:
 def _table(page, css: str) -> dict:
     (table,) = [t for t in page.tables if t["class"] == css]
     return table
-
-
-def test_the_comparison_speaks_as_compare_does() -> None:
-    assert (COMPARE_LABELS, COMPARE_LEGEND) == (analyze.COMPARE_LABELS, analyze.COMPARE_LEGEND)
 
 
 def test_two_runs_compared_diagnosed_and_drawn(made, tmp_path, read_page) -> None:
