@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
 from gpas_probe.intervals import t_quantile
 
@@ -56,3 +58,46 @@ def ratio_bounds(x: list[float], y: list[float]) -> tuple[float, float]:
     se = math.sqrt(m / (m - 1) * sum((a - r * b) ** 2 for a, b in zip(x, y, strict=True))) / sum(y)
     q = t_quantile(0.975, m - 1)
     return r - q * se, r + q * se
+
+
+def hooks_on(model: torch.nn.Module) -> int:
+    """How many hooks sit on a model's modules and parameters."""
+    n = 0
+    for m in model.modules():
+        n += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) + len(m._backward_pre_hooks)
+    for p in model.parameters():
+        n += len(p._post_accumulate_grad_hooks or {}) + len(p._backward_hooks or {})
+    return n
+
+
+def count_hook_calls(monkeypatch, current: dict[str, int]) -> Counter[int]:
+    """From now on, every hook registered on a module or a tensor counts its calls by ``current["step"]``
+    (whoever registered it): step -> calls."""
+    calls: Counter[int] = Counter()
+
+    def counted(fn):
+        def wrapper(*args, **kwargs):
+            calls[current["step"]] += 1
+            return fn(*args, **kwargs)
+        return wrapper
+
+    def counting(register):
+        def patched(self, hook, *args, **kwargs):
+            return register(self, counted(hook), *args, **kwargs)
+        return patched
+
+    for cls, name in ((torch.nn.Module, "register_forward_hook"), (torch.nn.Module, "register_forward_pre_hook"),
+                      (torch.nn.Module, "register_full_backward_hook"), (torch.Tensor, "register_hook"),
+                      (torch.Tensor, "register_post_accumulate_grad_hook")):
+        monkeypatch.setattr(cls, name, counting(getattr(cls, name)))
+    return calls
+
+
+def built_models(monkeypatch) -> list[torch.nn.Module]:
+    """The models :func:`gpas_probe.training.train` builds from now on, in order."""
+    import gpas_probe.training as train_mod
+
+    models: list[torch.nn.Module] = []
+    real_build = train_mod.build_model
+    monkeypatch.setattr(train_mod, "build_model", lambda cfg: models.append(real_build(cfg)) or models[-1])
+    return models

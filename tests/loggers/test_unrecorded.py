@@ -5,11 +5,10 @@ reads nothing from the device); a sink that fails is reported and dropped while 
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from pathlib import Path
 
 import pytest
-import torch
+from helpers import built_models, count_hook_calls, hooks_on
 
 import gpas_probe.training as train_mod
 from gpas_probe.config import ModelConfig, TrainConfig, get_preset
@@ -31,42 +30,15 @@ class Recorder:
         self.closed = True
 
 
-def _hooks_on(model: torch.nn.Module) -> int:
-    n = 0
-    for m in model.modules():
-        n += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) + len(m._backward_pre_hooks)
-    for p in model.parameters():
-        n += len(p._post_accumulate_grad_hooks or {}) + len(p._backward_hooks or {})
-    return n
-
-
 def test_unrecorded_steps_run_no_hook_and_log_nothing_with_loggers(monkeypatch, tmp_path: Path) -> None:
     pytest.importorskip("tensorboard")
     current = {"step": 0}
-    calls: Counter[int] = Counter()  # step -> hook function calls, whoever registered them
-
-    def counted(fn):
-        def wrapper(*args, **kwargs):
-            calls[current["step"]] += 1
-            return fn(*args, **kwargs)
-        return wrapper
-
-    def counting(register):
-        def patched(self, hook, *args, **kwargs):
-            return register(self, counted(hook), *args, **kwargs)
-        return patched
-
-    for cls, name in ((torch.nn.Module, "register_forward_hook"), (torch.nn.Module, "register_forward_pre_hook"),
-                      (torch.nn.Module, "register_full_backward_hook"), (torch.Tensor, "register_hook"),
-                      (torch.Tensor, "register_post_accumulate_grad_hook")):
-        monkeypatch.setattr(cls, name, counting(getattr(cls, name)))
+    calls = count_hook_calls(monkeypatch, current)  # step -> hook function calls, whoever registered them
     ends: list[int] = []
     real_end = Loggers.end_step
     monkeypatch.setattr(Loggers, "end_step", lambda self, step: (ends.append(step), real_end(self, step))[1])
 
-    models: list[torch.nn.Module] = []
-    real_build = train_mod.build_model
-    monkeypatch.setattr(train_mod, "build_model", lambda cfg: models.append(real_build(cfg)) or models[-1])
+    models = built_models(monkeypatch)
     hooks_after_backward: dict[int, int] = {}
 
     class Spy:  # called before the probe's own observer methods, on the same step
@@ -74,7 +46,7 @@ def test_unrecorded_steps_run_no_hook_and_log_nothing_with_loggers(monkeypatch, 
             current["step"] = step
 
         def after_backward(self, step: int) -> None:
-            hooks_after_backward[step] = _hooks_on(models[0])
+            hooks_after_backward[step] = hooks_on(models[0])
 
         def end_step(self, info) -> None:
             current["step"] = -info.step  # the probe's end_step (and its loggers) run after this
@@ -88,7 +60,7 @@ def test_unrecorded_steps_run_no_hook_and_log_nothing_with_loggers(monkeypatch, 
     recorded = {1, 10, 20}
     assert {s for s, n in hooks_after_backward.items() if n > 0} == recorded
     assert {s for s, n in calls.items() if n > 0 and s > 0} == recorded  # no hook code on other steps
-    assert _hooks_on(models[0]) == 0
+    assert hooks_on(models[0]) == 0
     assert ends == [1, 10, 20]  # the loggers are not even called on other steps
     assert [(step, at) for step, at, _ in recorder.calls] == [(1, -1), (10, -10), (20, -20)]
     assert recorder.closed
