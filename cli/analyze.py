@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.text import Text
 
-from gpas_probe.cli.common import console, friendly_errors, print_wide, read_runs, resolve_runs, rich_table
+from gpas_probe.cli.common import console, friendly_errors, print_wide, read_resolved, resolve_runs, rich_table
 
 plot_app = typer.Typer(help="Render a figure from one or more runs (side by side).", no_args_is_help=True)
 
@@ -85,7 +85,7 @@ def _plot_command(kind: str):
         folders, labels = resolve_runs(runs)
         options = {"step": step, "site": site, "stat": stat,
                    "layers": parse_layers(layers) if layers is not None else None}
-        data = read_runs(folders)
+        data = read_resolved(folders, labels)
         groups, _ = run_groups(folders, labels)
         if grouped(groups) and not each_run:
             data = aggregate_runs(data, groups)
@@ -144,6 +144,6 @@ def compare_cmd(runs: Annotated[list[Path], typer.Argument(help="Run folders, or
     from gpas_probe.analysis.seeds import run_groups
 
     folders, labels = resolve_runs(runs)
-    data = read_runs(folders)
+    data = read_resolved(folders, labels)
     groups, seeds = run_groups(folders, labels)
     print_comparison(data, groups, seeds)

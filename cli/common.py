@@ -135,9 +135,13 @@ def resolve_runs(paths: list[Path]) -> tuple[list[Path], list[str]]:
 def read_runs(paths: list[Path]) -> pd.DataFrame:
     """The runs' probe tables (each must have rows), labelled as :func:`resolve_runs` says, saying which are
     still being written."""
+    return read_resolved(*resolve_runs(paths))
+
+
+def read_resolved(folders: list[Path], labels: list[str]) -> pd.DataFrame:
+    """:func:`read_runs` of runs :func:`resolve_runs` resolved already."""
     from gpas_probe.store import load_runs, run_writer
 
-    folders, labels = resolve_runs(paths)
     data = load_runs(folders, labels, require_rows=True)
     for run in folders:
         if (live := run_writer(run)) is not None:

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from gpas_probe.cli.common import console, friendly_errors, read_runs, resolve_runs
+from gpas_probe.cli.common import console, friendly_errors, read_resolved, resolve_runs
 
 
 @friendly_errors
@@ -28,7 +28,7 @@ def report_cmd(
 
     if output is not None:
         check_output(output)  # before the work, not after
-    folders, _ = resolve_runs(runs)
-    data = read_runs(folders)
+    folders, labels = resolve_runs(runs)
+    data = read_resolved(folders, labels)
     target = write_report(folders, output, data=data, fmt="svg" if svg else "png", dpi=dpi, captions=FIGURE_HELP)
     console.print(f"wrote {target}", highlight=False, soft_wrap=True, markup=False)

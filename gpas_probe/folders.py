@@ -30,6 +30,13 @@ def read_run_meta(path: Path) -> dict[str, Any]:
     return meta
 
 
+def run_home(path: str | Path) -> Path:
+    """The run folder of a run path (its ``probes/`` folder or a chunk file given instead)."""
+    path = Path(path)
+    if path.is_file():
+        path = path.parent
+    return path.parent if path.name == PROBES_DIR else path
+
 
 def run_state(path: str | Path) -> str:
     """What a run folder (or its ``probes/``) is doing: ``running (pid 123, train, since 12:00:01)``,
@@ -87,14 +94,14 @@ def run_labels(paths: Sequence[Path]) -> list[str]:
     ids = []
     for path in paths:
         try:
-            ids.append(str(read_meta(path).get("run_id") or _folder(path).name))
+            ids.append(str(read_meta(path).get("run_id") or run_home(path).name))
         except (OSError, ValueError):
-            ids.append(_folder(path).name)  # its reader reports the problem
+            ids.append(run_home(path).name)  # its reader reports the problem
     shared = {i for i in ids if ids.count(i) > 1}
     if not shared:
         return ids
     clashing = [i for i, run_id in enumerate(ids) if run_id in shared]
-    parts = [_folder(paths[i]).resolve().parts for i in clashing]
+    parts = [run_home(paths[i]).resolve().parts for i in clashing]
     ends = [ids[i] for i in clashing]
     for depth in range(2, max(map(len, parts)) + 1):
         ends = ["/".join(p[-depth:]) for p in parts]
@@ -106,10 +113,3 @@ def run_labels(paths: Sequence[Path]) -> list[str]:
         raise ValueError(f"the same run is given twice: {', '.join(sorted(shared))}")
     return ids
 
-
-def _folder(path: Path) -> Path:
-    """The run folder of a run path (its ``probes/`` folder or a chunk file given instead)."""
-    path = Path(path)
-    if path.is_file():
-        path = path.parent
-    return path.parent if path.name == PROBES_DIR else path

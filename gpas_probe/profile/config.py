@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -10,6 +11,8 @@ from gpas_probe.config import BACKENDS, check_threads
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger(__name__)
 
 #: Evaluation window length when neither the run's training length nor a shorter model maximum is known
 #: (a long-context model is profiled on windows of this length, not its maximum: that would cost more
@@ -125,6 +128,14 @@ class ProfileConfig:
     evaluation: EvalSpec = field(default_factory=EvalSpec)
     loading: LoadSpec = field(default_factory=LoadSpec)
     measure: Measurements = field(default_factory=Measurements)
+
+    def with_seq_len(self, trained: int | None, max_len: int | None) -> tuple[ProfileConfig, str]:
+        """This config with its evaluation's ``seq_len`` chosen (:meth:`EvalSpec.with_seq_len`), logged
+        when it was chosen here, and why, in words."""
+        evaluation, why = self.evaluation.with_seq_len(trained, max_len)
+        if why != "as given":
+            log.info("evaluation windows of %d tokens (%s)", evaluation.seq_len, why)
+        return replace(self, evaluation=evaluation), why
 
     @classmethod
     def of(cls, **options: Any) -> ProfileConfig:

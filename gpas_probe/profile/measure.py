@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
-from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
 
@@ -148,10 +147,7 @@ def profile_model(model: nn.Module, data: EvalData, config: ProfileConfig | None
     target = target_for(model)
     data.check_vocab(model.config.vocab_size)
     max_len = target.max_len()
-    evaluation, why = config.evaluation.with_seq_len(None, max_len)
-    if why != "as given":
-        log.info("evaluation windows of %d tokens (%s)", evaluation.seq_len, why)
-        config = replace(config, evaluation=evaluation)
+    config, _ = config.with_seq_len(None, max_len)
     sizes = config.evaluation.sizes
     if max_len is not None and sizes[1] > max_len:
         log.warning("seq_len %d exceeds the model's max_position_embeddings %d", sizes[1], max_len)

@@ -9,7 +9,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -134,16 +134,14 @@ def _profile_groups(groups: dict[str, list[Path]], out: Path, config: ProfileCon
         callback(p)
 
     tell(ProfileProgress(name, first, None, "data", 0, 0))
-    max_len = read_config(first).get("max_position_embeddings")
-    ev, why = config.evaluation.with_seq_len(trained_seq_len(first), max_len if isinstance(max_len, int) else None)
-    if why != "as given":
-        log.info("evaluation windows of %d tokens (%s)", ev.seq_len, why)
-    config = replace(config, evaluation=ev)
-    measure = config.measure
+    first_config = read_config(first)
+    max_len = first_config.get("max_position_embeddings")
+    config, why = config.with_seq_len(trained_seq_len(first), max_len if isinstance(max_len, int) else None)
+    ev, measure = config.evaluation, config.measure
     per_ckpt = source.get(first).num_batches(*ev.sizes)  # one pass over the batches
     if loading.stream:  # a sweep through the layers (two with a backward), and the head
         backward = measure.activations or measure.estimate
-        per_ckpt = int(read_config(first).get("num_hidden_layers") or 0) * (2 if backward else 1) + 1
+        per_ckpt = int(first_config.get("num_hidden_layers") or 0) * (2 if backward else 1) + 1
     counter = {"done": 0, "total": per_ckpt * sum(len(g) for g in groups.values())}
     options = {"data": {**source.get(first).spec(), "batches": ev.batches, "batch_size": ev.batch_size,
                         "seq_len": ev.seq_len, "seq_len_from": why},

@@ -19,12 +19,12 @@ from gpas_probe._version import __version__
 from gpas_probe.analysis.diagnosis import diagnose_runs
 from gpas_probe.analysis.seeds import group_runs, grouped, paired_differences, seed_of, seed_summary
 from gpas_probe.analysis.summary import COMPARE_LABELS, COMPARE_LEGEND, SEED_LEGEND, compare_runs
-from gpas_probe.folders import run_folders, run_labels
+from gpas_probe.folders import run_folders, run_home, run_labels
 from gpas_probe.report.describe import PROFILE, run_facts, run_kind
 from gpas_probe.report.figures import FigureView, LeftOut, draw_figures, figure_plan
 from gpas_probe.report.tables import Table, bounds, frame_table
 from gpas_probe.report.verdicts import DiagnosisView, diagnosis_view, overall_verdict
-from gpas_probe.store import PROBES_DIR, load_runs, read_meta
+from gpas_probe.store import load_runs, read_meta
 
 log = logging.getLogger(__name__)
 
@@ -73,14 +73,6 @@ class Report:
 
 def _q(*words: object) -> str:
     return shlex.join(["gpas-probe", *map(str, words)])
-
-
-def run_home(path: Path) -> Path:
-    """The run folder of a run path (its ``probes/`` folder or a chunk given instead): a report's default home."""
-    path = Path(path)
-    if path.is_file():
-        path = path.parent
-    return path.parent if path.name == PROBES_DIR else path
 
 
 def probe_meta(folder: Path) -> dict[str, Any]:
