@@ -59,16 +59,18 @@ class Accumulator:
         self._values: dict[Key, Number] = {}
         self._reduce: dict[Key, str] = {}
         self._blocks: dict[Hashable, Block] = {}
+        self._spread_names: set[Hashable] = set()  # blocks spread into single values: later passes add there
 
     def add_block(self, name: Hashable, keys: Sequence[Key], values: torch.Tensor, reduce: str = SUM) -> None:
         """The values of ``keys`` (``values[i]`` for ``keys[i]``, a 1-D tensor), combined with an earlier
         block of the same ``name`` by ``reduce``; a block of other keys under that name is spread into
-        single values first (passes that saw different sites still add up)."""
+        single values first, and the name's later values go there too (passes that saw different sites
+        still add up)."""
         keys = tuple(keys)
         old = self._blocks.get(name)
-        if old is None:
+        if old is None and name not in self._spread_names:
             self._blocks[name] = Block(keys, values, reduce)
-        elif old.keys == keys and old.reduce == reduce:
+        elif old is not None and old.keys == keys and old.reduce == reduce:
             self._blocks[name] = Block(keys, _combine(reduce, old.values, values), reduce)
         else:
             self._spread(name)
@@ -95,7 +97,7 @@ class Accumulator:
         if old is not None and old_payload is not None and old.keys == keys and old_payload.keys == pkeys:
             payload = torch.where((values > old.values)[:, None], payload, old_payload.values.view(payload.shape))
             values = torch.maximum(old.values, values)
-        elif old is not None:
+        elif old is not None or name in self._spread_names:
             self._spread(name)
             self._spread((name, "payload"))
             for i, key in enumerate(keys):
@@ -105,6 +107,7 @@ class Accumulator:
         self._blocks[(name, "payload")] = Block(pkeys, payload.reshape(-1), SAME)
 
     def _spread(self, name: Hashable) -> None:
+        self._spread_names.add(name)
         block = self._blocks.pop(name, None)
         if block is not None:
             self._spread_values(block.keys, block.values, block.reduce)
@@ -148,9 +151,6 @@ class Accumulator:
     def set(self, key: Key, value: Number, reduce: str = SAME) -> None:
         self._values[key] = value
         self._reduce[key] = reduce
-
-    def __contains__(self, key: Key) -> bool:
-        return key in self._values or any(key in b.keys for b in self._blocks.values())
 
     def _entries(self, ordered: bool) -> list[tuple[tuple[Key, ...], str, torch.Tensor | list[float]]]:
         """Every value as (keys, reduce, 1-D tensor or host numbers): single values, then blocks, each

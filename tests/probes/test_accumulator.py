@@ -90,3 +90,25 @@ def test_set_blocks_replace_and_blocks_reduce_over_ranks() -> None:
     got = _two_ranks(a, b)
     assert got[("grad_sq", 0)] == 4.0 and got[("grad_sq", 1)] == 6.0
     assert got[(0, "resid_pre", "fwd", "n")] == 10.0 and got[(0, "resid_pre", "fwd", "absmax")] == 3.0
+
+
+@pytest.mark.parametrize("order", [("a", "b", "a"), ("a", "b", "a", "b", "a"), ("b", "a", "a")])
+def test_blocks_of_alternating_keys_add_up_as_single_values_do(order) -> None:
+    """Passes that see key sets A, B, A: the third pass adds to what the first two left as single values
+    (it used to start a fresh block that replaced them)."""
+    keys = {"a": [("x", 0), ("x", 1)], "b": [("x", 1), ("x", 2)]}
+    g = torch.Generator().manual_seed(3)
+    passes = [(name, torch.rand(2, generator=g), torch.rand(2, generator=g), torch.randint(0, 9, (2, 2),
+                                                                                           generator=g))
+              for name in order]
+    blocks, singles = Accumulator(), Accumulator()
+    for name, add, peak, where in passes:
+        blocks.add_block("n", keys[name], add)
+        blocks.argmax_block("top", [k + ("max",) for k in keys[name]], peak, where)
+        for i, key in enumerate(keys[name]):
+            singles.add(key, add[i])
+            singles.argmax(key + ("max",), peak[i], tuple(where[i].unbind()))
+    got, want = blocks.collect(), singles.collect()
+    assert got.keys() == want.keys()
+    for key in want:
+        assert got[key] == pytest.approx(want[key]), key
