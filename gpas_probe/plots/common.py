@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import seaborn as sns
 from matplotlib.axes import Axes
+from matplotlib.axis import Axis
 from matplotlib.colors import Normalize
 from matplotlib.ticker import LogFormatter
 
@@ -102,18 +103,22 @@ class PlainLogFormatter(LogFormatter):
         return f"{x:.3g}" if super().__call__(x, pos) else ""
 
 
+def _plain_log(axis: Axis) -> None:
+    """Label a log-scaled axis with plain numbers instead of ``2×10^1``."""
+    axis.set_major_formatter(PlainLogFormatter())
+    axis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+
+
 def log_y(ax: Axes) -> None:
     """Log-scale y axis labelled with plain numbers instead of ``2×10^1``."""
     ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(PlainLogFormatter())
-    ax.yaxis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+    _plain_log(ax.yaxis)
 
 
 def log_x(ax: Axes) -> None:
     """Log-scale x axis labelled with plain numbers."""
     ax.set_xscale("log")
-    ax.xaxis.set_major_formatter(PlainLogFormatter())
-    ax.xaxis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(1, 0.4)))
+    _plain_log(ax.xaxis)
 
 
 def layer_norm(layers: np.ndarray) -> Normalize:

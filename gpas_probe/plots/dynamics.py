@@ -101,15 +101,15 @@ def _one_point(ax: Axes, x: float, y: float, color: object, label: str) -> None:
                 fontsize="small", color=color)
 
 
-def _limits(ax: Axes, xs: list[float], ys: list[float], logy: bool) -> None:
+def _limits(ax: Axes, xs: np.ndarray, ys: np.ndarray, logy: bool) -> None:
     """Axis limits around the drawn points when they span no range (one step, one value)."""
-    if xs and min(xs) == max(xs):
+    if len(xs) and xs.min() == xs.max():
         pad = max(1.0, abs(xs[0]) * 0.05)
         ax.set_xlim(xs[0] - pad, xs[0] + pad)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    finite = [y for y in ys if np.isfinite(y)]
-    if finite and min(finite) == max(finite) and not logy:
-        ax.set_ylim(*spread(finite[0] - abs(finite[0]) * 0.05, finite[0] + abs(finite[0]) * 0.05))
+    finite = ys[np.isfinite(ys)]
+    if len(finite) and finite.min() == finite.max() and not logy:
+        ax.set_ylim(*spread(float(finite[0]), float(finite[0])))
 
 
 def loss_curves(data: pd.DataFrame, ax: Axes | None = None, *, runs: Iterable[str] | None = None, val: bool = True,
@@ -131,7 +131,7 @@ def loss_curves(data: pd.DataFrame, ax: Axes | None = None, *, runs: Iterable[st
     bounds = with_bounds(data, "loss", ["run_id", "step"], per_layer=False, site="model", run_id=runs)
     ax = plt.gca() if ax is None else ax
     colors = run_colors(runs)
-    missing, banded, xs, ys = [], False, [], []
+    missing, banded = [], False
     window = smooth or 1
     for run in runs:
         rows = table[table["run_id"] == run]
@@ -140,8 +140,6 @@ def loss_curves(data: pd.DataFrame, ax: Axes | None = None, *, runs: Iterable[st
         if train.empty and valid.empty:
             missing.append(run)
             continue
-        xs += [float(v) for v in rows["step"]]
-        ys += [float(v) for v in rows["value"]]
         if len(train) == 1:
             _one_point(ax, float(train["step"].iloc[0]), float(train["value"].iloc[0]), colors[run], run)
         elif not train.empty:
@@ -164,7 +162,7 @@ def loss_curves(data: pd.DataFrame, ax: Axes | None = None, *, runs: Iterable[st
         raise MissingDataError(f"no run has {' or '.join(stats)} rows (site 'model'); runs: {runs}")
     if logy:
         log_y(ax)
-    _limits(ax, xs, ys, logy)
+    _limits(ax, table["step"].to_numpy(dtype=float), table["value"].to_numpy(dtype=float), logy)
     ax.set_xlabel("training step")
     ylabel = "loss (nats/token" + (", log scale)" if logy else ")")
     ax.set_ylabel(ylabel if window == 1 else f"{ylabel}\nsolid: rolling mean of {window} points, faint: raw")
@@ -204,7 +202,7 @@ def loss_differences(data: pd.DataFrame, ax: Axes | None = None, *, runs: Iterab
         xs += list(x[inside])
         ax.plot(x[inside], diff, color=colors[run], linewidth=1.5, label=run,
                 marker="o" if inside.sum() == 1 else None)
-    _limits(ax, xs, [], logy=False)
+    _limits(ax, np.asarray(xs, dtype=float), np.empty(0), logy=False)
     ax.set_xlabel("training step")
     what = "" if smooth == 1 else f", rolling mean of {smooth} points"
     ax.set_ylabel(f"loss − loss of {ref}{what}")

@@ -15,7 +15,6 @@ from matplotlib.figure import Figure
 
 from gpas_probe.plots.common import (
     MissingDataError,
-    OneStepError,
     annotate_missing,
     check_frame,
     quantity_label,
@@ -54,7 +53,7 @@ def variance_figure(data: pd.DataFrame, runs: Iterable[str] | None = None, *, si
     per_run(fig, axes, runs,
             lambda ax, run: variance_growth(sub, ax=ax, run=run, site=site, direction=direction, stat=stat,
                                             steps=steps, max_steps=max_steps),
-            lambda run, err: f"no {what} recorded" + ("" if step is None else f" at step {step:,}"))
+            lambda run: f"no {what} recorded" + ("" if step is None else f" at step {step:,}"))
     inner_ylabels_off(axes)
     fig.suptitle(f"{what} across layers, one line per step")
     return fig
@@ -76,7 +75,7 @@ def heatmap_figure(data: pd.DataFrame, runs: Iterable[str] | None = None, *, sit
     per_run(fig, axes, runs,
             lambda ax, run: variance_heatmap(sub, ax=ax, run=run, site=site, direction=direction, stat=stat,
                                              cmap=cmap, vmin=vmin, vmax=vmax, colorbar=False),
-            lambda run, err: err.panel if isinstance(err, OneStepError) else f"no {what} recorded")
+            lambda run: f"no {what} recorded")
     mappable = ScalarMappable(cmap=sns.color_palette(cmap, as_cmap=True), norm=plt.Normalize(vmin, vmax))
     fig.colorbar(mappable, ax=axes, label=f"log10 {what}", shrink=0.9)
     fig.suptitle(f"{what} by layer and training step")

@@ -15,7 +15,7 @@ from matplotlib.figure import Figure
 from matplotlib.layout_engine import ConstrainedLayoutEngine
 from matplotlib.ticker import MaxNLocator
 
-from gpas_probe.plots.common import MissingDataError, annotate_missing
+from gpas_probe.plots.common import MissingDataError, OneStepError, annotate_missing
 
 MAX_COLUMNS = 3
 NOTE_HEIGHT_IN = 0.32  # the strip under the panels that holds a figure's note, in inches
@@ -41,9 +41,10 @@ def inner_ylabels_off(axes: Sequence[Axes]) -> None:
 
 
 def per_run(fig: Figure, axes: Sequence[Axes], runs: Sequence[str], draw: Callable[[Axes, str], object],
-            empty_text: Callable[[str, MissingDataError], str]) -> None:
-    """Draw each run's panel; a run without data gets a panel annotated with ``empty_text(run, error)``,
-    and no data at all is an error (the figure is closed, the runs' errors joined)."""
+            empty_text: Callable[[str], str]) -> None:
+    """Draw each run's panel; a run without data gets a panel annotated with ``empty_text(run)`` (a run
+    recorded at one step only, with its :class:`OneStepError`'s panel text), and no data at all is an
+    error (the figure is closed, the runs' errors joined)."""
     errors = []
     for ax, run in zip(axes, runs, strict=True):
         try:
@@ -51,7 +52,7 @@ def per_run(fig: Figure, axes: Sequence[Axes], runs: Sequence[str], draw: Callab
         except MissingDataError as err:
             errors.append(str(err))
             ax.set_title(run)
-            annotate_missing(ax, empty_text(run, err))
+            annotate_missing(ax, err.panel if isinstance(err, OneStepError) else empty_text(run))
     if len(errors) == len(runs):
         plt.close(fig)
         raise MissingDataError("; ".join(dict.fromkeys(errors)))
@@ -94,11 +95,6 @@ def layer_colorbar(fig: Figure, mappable: object, ax: Axes | Sequence[Axes]) -> 
     ticks = MaxNLocator(integer=True, nbins=6).tick_values(lo, hi)
     cbar.set_ticks([t for t in ticks if lo <= t <= hi])
     return cbar
-
-
-def thin(count: int, most: int = 12) -> int:
-    """Label every ``thin(count)``-th tick: at most ``most`` labels per axis."""
-    return max(1, math.ceil(count / most))
 
 
 def finite_range(values: np.ndarray) -> tuple[float | None, float | None]:

@@ -12,7 +12,7 @@ import seaborn as sns
 from matplotlib.cm import ScalarMappable
 from matplotlib.figure import Figure
 
-from gpas_probe.plots.common import MissingDataError, OneStepError, check_frame
+from gpas_probe.plots.common import MissingDataError, check_frame
 from gpas_probe.plots.importance import (
     ANGULAR_PREFIX,
     ANGULAR_RAW,
@@ -76,14 +76,13 @@ def angular_figure(data: pd.DataFrame, runs: Iterable[str] | None = None, *, nor
     sub = layer_rows(select(data, stat=["angular_distance", "angular_distance_norm"], run_id=runs))
     sub = _profiled(sub[np.asarray(sub["site"].astype(str).str.startswith(ANGULAR_PREFIX), dtype=bool)], runs,
                     "angular-distance rows")
-    raw = sub[np.asarray(sub["stat"].astype(str) == "angular_distance", dtype=bool)]["value"].to_numpy()
-    vmin, vmax = (0.0, 1.0) if normalized else finite_range(raw)
+    vmin, vmax = (0.0, 1.0) if normalized else finite_range(select(sub, stat="angular_distance")["value"].to_numpy())
     layers = None if layers is None else list(layers)
     fig, axes = panels(len(runs), width=5.0, height=4.4)
     per_run(fig, axes, runs,
             lambda ax, run: angular_heatmap(sub, ax=ax, run=run, normalized=normalized, step=step, layers=layers,
                                             cmap=cmap, vmin=vmin, vmax=vmax, colorbar=False),
-            lambda run, err: f"no angular distances: {PROFILE_HINT}")
+            lambda run: f"no angular distances: {PROFILE_HINT}")
     label = f"{ANGULAR_SCALED}\n(hatched: n with < {MIN_ROW_CELLS} cells)" if normalized else ANGULAR_RAW
     mappable = ScalarMappable(cmap=sns.color_palette(cmap, as_cmap=True), norm=plt.Normalize(vmin, vmax))
     fig.colorbar(mappable, ax=axes, label=label, shrink=0.9)
@@ -108,7 +107,7 @@ def importance_steps_figure(data: pd.DataFrame, runs: Iterable[str] | None = Non
     per_run(fig, axes, runs,
             lambda ax, run: importance_over_training(sub, ax=ax, run=run, stat=stat, cmap=cmap, vmin=vmin,
                                                      vmax=vmax, log=log, colorbar=False),
-            lambda run, err: err.panel if isinstance(err, OneStepError) else f"no layer importance: {PROFILE_HINT}")
+            lambda run: f"no layer importance: {PROFILE_HINT}")
     mappable = ScalarMappable(cmap=sns.color_palette(cmap, as_cmap=True), norm=norm)
     cbar = fig.colorbar(mappable, ax=axes, location="bottom", shrink=0.9, aspect=40,
                         label=importance_label(stat) + (", symlog scale" if log else ""),

@@ -35,10 +35,6 @@ class Table:
         if rule:
             self.rules.add(len(self.rows) - 1)
 
-    def column(self, index: int) -> list[str]:
-        """The texts of one column, top to bottom."""
-        return [row[index].text for row in self.rows]
-
 
 def number(value: object) -> str:
     """A number as the CLI's tables print it: four significant digits, ``-`` for NaN; other values as text."""
