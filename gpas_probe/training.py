@@ -168,9 +168,9 @@ def _run(ctx: DistContext, model: Transformer, fwd: nn.Module, optimizer: torch.
          logs: LogConfig | None = None) -> TrainResult:
     probe_meta = {k: v for k, v in meta.items() if not k.endswith("_version")}  # the store adds versions
     session = None
-    if probe is not None:  # loggers on rank 0 only (it alone writes); a logger failing to open stops every rank
+    if probe is not None:  # loggers open on rank 0 only (the one that writes); one failing to open stops every rank
         session = ctx.agree(lambda: Probe(model, run_dir, config=probe, meta=probe_meta,
-                                          driver=Driver.for_training(ctx), log_to=logs if ctx.is_main else None))
+                                          driver=Driver.for_training(ctx), log_to=logs))
     threads = use_threads(cfg.threads, device=ctx.device)
     report = None
     if ctx.is_main and progress != "off":

@@ -72,7 +72,7 @@ def is_rank_zero() -> bool:
 
 
 def _open(name: str, config: LogConfig, folder: Path | None, run_id: str, meta: dict[str, Any],
-          depth: int) -> Sink:
+          summary: Summary) -> Sink:
     run_name = config.run_name or run_id
     if name == "tensorboard":
         from gpas_probe.loggers.to_tensorboard import TensorBoardSink
@@ -80,7 +80,7 @@ def _open(name: str, config: LogConfig, folder: Path | None, run_id: str, meta: 
         if folder is None:
             raise ValueError("a TensorBoard logger needs a folder: give the probe an output folder or "
                              "LogConfig(dir=...)")
-        return TensorBoardSink(folder / "tensorboard", Summary(depth, config.prefix), config.image_every)
+        return TensorBoardSink(folder / "tensorboard", summary, config.image_every)
     if name == "wandb":
         from gpas_probe.loggers.to_wandb import WandbSink
 
@@ -97,15 +97,16 @@ def open_loggers(config: LogConfig, *, depth: int, out: Path | None, run_id: str
     A missing package is one ``ImportError`` line naming its extra, raised before any sink opens."""
     config.require()
     folder = config.dir if config.dir is not None else out
+    summary = Summary(depth, config.prefix)
     opened: list[tuple[str, Sink]] = []
     try:
         for target in config.to:
             if isinstance(target, str):
-                opened.append((target, _open(target, config, folder, run_id, meta or {}, depth)))
+                opened.append((target, _open(target, config, folder, run_id, meta or {}, summary)))
             else:
                 opened.append((type(target).__name__, target))
     except BaseException:
-        Loggers(opened, Summary(depth, config.prefix)).close()
+        Loggers(opened, summary).close()
         raise
     log.info("logging each recorded step's summary to %s", ", ".join(label for label, _ in opened))
-    return Loggers(opened, Summary(depth, config.prefix))
+    return Loggers(opened, summary)
