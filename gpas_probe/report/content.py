@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shlex
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -21,10 +20,12 @@ from gpas_probe.analysis.seeds import group_runs, grouped, paired_differences, s
 from gpas_probe.analysis.summary import COMPARE_LABELS, COMPARE_LEGEND, SEED_LEGEND, compare_runs
 from gpas_probe.folders import run_folders, run_home, run_labels
 from gpas_probe.report.describe import PROFILE, run_facts, run_kind
-from gpas_probe.report.figures import FigureView, LeftOut, draw_figures, figure_plan
+from gpas_probe.report.figures import FigureView, LeftOut, command_line, draw_figures, figure_plan, plot_command
 from gpas_probe.report.tables import Table, bounds, frame_table
 from gpas_probe.report.verdicts import DiagnosisView, diagnosis_view, overall_verdict
 from gpas_probe.store import load_runs, read_meta
+from gpas_probe.store.schema import IMPORTANCE_SITE
+from gpas_probe.table import select
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +70,6 @@ class Report:
     @property
     def title(self) -> str:
         return "gpas-probe report: " + ", ".join(r.label for r in self.runs)
-
-
-def _q(*words: object) -> str:
-    return shlex.join(["gpas-probe", *map(str, words)])
 
 
 def probe_meta(folder: Path) -> dict[str, Any]:
@@ -134,7 +131,7 @@ def build_report(paths: Sequence[str | Path], out: str | Path | None = None, *, 
     table, lines = comparison(data, groups, seeds) if len(folders) > 1 else (None, [])
 
     kinds = {r.label: r.kind for r in runs}
-    importance = data[(data["site"].astype(str) == "importance").to_numpy()]
+    importance = select(data, site=IMPORTANCE_SITE)
     steps = importance.groupby(importance["run_id"].astype(str))["step"].nunique()
     multi_step = bool((steps > 1).any())
     shown, left_out = draw_figures(data, figure_plan(kinds, multi_step), by_label, groups, fmt=fmt, dpi=dpi,
@@ -143,13 +140,13 @@ def build_report(paths: Sequence[str | Path], out: str | Path | None = None, *, 
     if profiles and not multi_step:
         left_out.append(LeftOut("importance-steps", "each profile holds one checkpoint step: importance over "
                                 "training needs a run profiled at several checkpoints",
-                                _q("plot", "importance-steps", *profiles, "-o", "importance-steps.png")))
+                                plot_command("importance-steps", profiles)))
 
-    commands = [Command("this report", _q("report", *folders, "-o", out))]
-    commands += [Command(f"metadata of {r.label}", _q("info", r.folder)) for r in runs]
-    commands.append(Command("the diagnosis", _q("diagnose", *folders)))
+    commands = [Command("this report", command_line("report", *folders, "-o", out))]
+    commands += [Command(f"metadata of {r.label}", command_line("info", r.folder)) for r in runs]
+    commands.append(Command("the diagnosis", command_line("diagnose", *folders)))
     if table is not None:
-        commands.append(Command("the comparison", _q("compare", *folders)))
+        commands.append(Command("the comparison", command_line("compare", *folders)))
     commands += [Command(f"the {f.kind} figure", f.command) for f in shown]
     log.info("report of %d run(s): %d figure(s), %d left out", len(runs), len(shown), len(left_out))
     return Report(runs=runs, verdict=overall_verdict([d.verdict for d in diagnoses]), diagnoses=diagnoses,

@@ -54,9 +54,14 @@ class LeftOut:
     command: str
 
 
+def command_line(*words: object) -> str:
+    """``gpas-probe WORDS...``, quoted for a shell."""
+    return shlex.join(["gpas-probe", *map(str, words)])
+
+
 def plot_command(kind: str, folders: Sequence[Path | str]) -> str:
     """``gpas-probe plot KIND RUN... -o KIND.png``, quoted for a shell."""
-    return shlex.join(["gpas-probe", "plot", kind, *map(str, folders), "-o", f"{kind}.png"])
+    return command_line("plot", kind, *folders, "-o", f"{kind}.png")
 
 
 def caption_of(kind: str, captions: Mapping[str, str] | None = None) -> str:
