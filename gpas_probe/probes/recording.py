@@ -12,6 +12,7 @@ of the whole pass at once (:meth:`Recording.on_pass_end`). Statistics accumulate
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Hashable
 from typing import Any
 
@@ -55,13 +56,17 @@ class Recording:
         self.locate_forward = False  # forward rows keep where their largest |x| sits (the outliers family)
         self.rows: TokenRows | None = None
         self._pass_end: list[Callable[[TokenRows], None]] = []
-        self._forward_hooks = 0
+        self._forward_fns: dict[nn.Module, list[Callable[[torch.Tensor], None]]] = {}
+        self._grad_fns: dict[int, tuple[weakref.ref, list[Callable[[torch.Tensor], None]]]] = {}
+        # the last tensor given a row, weakly held (as TokenRows holds them): (x, version, forward, row)
+        self._last: tuple[weakref.ref, int, bool, int] | None = None
         self.closed = False
 
     # -- token masks ---------------------------------------------------------------------------
     def set_exclude(self, exclude: torch.Tensor | None) -> None:
         self._exclude = exclude
         self._keep_cache.clear()
+        self._last = None
 
     def keep(self, x: torch.Tensor) -> torch.Tensor | None:
         """The (B, T) positions of ``x`` (B, T, hidden) that statistics include; None = all."""
@@ -108,15 +113,20 @@ class Recording:
     def token_row(self, x: torch.Tensor, forward: bool) -> int:
         """The row of ``x`` (B, T, hidden) in this pass's :class:`TokenRows` (``forward``: an activation,
         else a gradient). A forward tensor after a backward one starts a new pass."""
+        last = self._last
+        if last is not None and last[0]() is x and last[1] == x._version and last[2] == forward:
+            return last[3]  # the families of one hook point ask for the same tensor in turn
         keep = self.keep(x)
         rows = self.rows
         if rows is not None and (not rows.accepts(x, keep) or (forward and rows.backward_seen)):
             self.end_pass()
             rows = None
         if rows is None:
-            rows = self.rows = TokenRows(x, keep, self._forward_hooks, self.locate_forward)
+            rows = self.rows = TokenRows(x, keep, len(self._forward_fns), self.locate_forward)
         rows.backward_seen |= not forward
-        return rows.row(x, self.scratch(x, rows.dtype), forward)
+        r = rows.row(x, self.scratch(x, rows.dtype), forward)
+        self._last = (weakref.ref(x), x._version, forward, r)
+        return r
 
     def pair_row(self, a: torch.Tensor, b: torch.Tensor) -> int:
         """The per-token dot products of ``a`` and ``b``, two tensors of this pass with rows already."""
@@ -125,7 +135,7 @@ class Recording:
 
     def end_pass(self) -> None:
         """Hand the rows of the pass to the families (:meth:`on_pass_end`); the next tensor starts new rows."""
-        rows, self.rows = self.rows, None
+        rows, self.rows, self._last = self.rows, None, None
         if rows is not None and rows.n:
             for fn in self._pass_end:
                 fn(rows)
@@ -133,20 +143,34 @@ class Recording:
     # -- hooks ---------------------------------------------------------------------------------
     def on_forward(self, module: nn.Module, fn: Callable[[torch.Tensor], None]) -> None:
         """Call ``fn(output)`` after ``module``'s forward when gradients are enabled (training passes;
-        evaluation under ``torch.no_grad`` is not recorded)."""
+        evaluation under ``torch.no_grad`` is not recorded). One hook per module, whatever the number of
+        callbacks: they run in the order they were given."""
+        fns = self._forward_fns.get(module)
+        if fns is None:
+            fns = self._forward_fns[module] = []
 
-        def hook(_module: nn.Module, _args: Any, output: Any) -> None:
-            if torch.is_grad_enabled() and isinstance(output, torch.Tensor):
-                fn(output)
+            def hook(_module: nn.Module, _args: Any, output: Any, fns: list = fns) -> None:
+                if torch.is_grad_enabled() and isinstance(output, torch.Tensor):
+                    for f in fns:
+                        f(output)
 
-        self._handles.append(module.register_forward_hook(hook))
-        self._forward_hooks += 1
+            self._handles.append(module.register_forward_hook(hook))
+        fns.append(fn)
 
     def on_grad(self, tensor: torch.Tensor, fn: Callable[[torch.Tensor], None]) -> None:
-        """Call ``fn(grad)`` with the gradient of the loss w.r.t. ``tensor`` (the gradient is not changed)."""
+        """Call ``fn(grad)`` with the gradient of the loss w.r.t. ``tensor`` (the gradient is not changed); one
+        hook per tensor, whatever the number of callbacks: they run in the order they were given."""
+
+        entry = self._grad_fns.get(id(tensor))
+        if entry is not None and entry[0]() is tensor:  # one hook per tensor, whatever the number of callbacks
+            entry[1].append(fn)
+            return
+        fns = [fn]
+        self._grad_fns[id(tensor)] = (weakref.ref(tensor), fns)
 
         def hook(grad: torch.Tensor) -> None:
-            fn(grad)
+            for f in fns:
+                f(grad)
 
         self._handles.append(tensor.register_hook(hook))
 
@@ -227,8 +251,10 @@ class Recording:
         self._watched.clear()
         self._keep_cache.clear()
         self._scratch.clear()
+        self._forward_fns.clear()
+        self._grad_fns.clear()
         self.state.clear()
-        self.rows = None
+        self.rows = self._last = None
         self._pass_end.clear()
         self.closed = True
 

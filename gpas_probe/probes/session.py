@@ -29,6 +29,7 @@ several forward/backward passes in one step (gradient accumulation) are pooled. 
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any
@@ -231,13 +232,8 @@ class Probe:
             self._rec = None
 
     def _emit(self, step: int) -> Any:
-        writer = self._writer
-        assert writer is not None
-
-        def emit(layer: int, site: str, direction: str, stat: str, value: float) -> None:
-            writer.add(step, layer, site, direction, stat, value)
-
-        return emit
+        assert self._writer is not None
+        return functools.partial(self._writer.add, step)  # (layer, site, direction, stat, value)
 
     def _complete(self, step: int, info: dict[str, Any]) -> None:
         """Finish the armed step as ``step`` (rows of every family), or write the model rows of an

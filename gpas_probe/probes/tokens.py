@@ -2,10 +2,11 @@
 
 A recorded step touches each probed tensor (an activation at a hook point, or its gradient) once, in
 its hook: a few passes over it leave, per token, the sum over the hidden dimension, the squared
-deviations from the token's mean, and the largest ``|x|`` (and, for forward tensors when asked, where
-the largest ``|x|`` of the tensor sits). Everything else the statistic families need (sums over the
-kept tokens, the outlier tokens, the medians they are found with, intervals) is computed for every
-tensor of the pass at once from these rows (:meth:`TokenRows.summary`), when the pass ends.
+deviations from the token's mean, and the largest and smallest value (and, for forward tensors when
+asked, the two tokens where the largest ``|x|`` of the tensor can sit, with their vectors). Everything
+else the statistic families need (sums over the kept tokens, the outlier tokens, the medians they are
+found with, intervals, which candidate holds the largest ``|x|`` and in which dimension) is computed
+for every tensor of the pass at once from these rows (:meth:`TokenRows.summary`), when the pass ends.
 
 A tensor seen at several sites (``resid_post`` of layer l is ``resid_pre`` of layer l + 1; autograd
 hands one gradient object to both terms of an add) gets one row. The rows of one pass share one shape
@@ -81,18 +82,21 @@ class TokenRows:
         self.keep_flat = keep.reshape(-1) if keep is not None else None
         self.locate = locate
         self.data = torch.empty(max(capacity, 1), 4, self.batch * self.seq, dtype=self.dtype, device=self.device)
-        self.loc = torch.zeros(self.data.shape[0], 2, dtype=torch.long, device=self.device)
+        # where each located row's largest |x| may sit: the tokens of its largest and smallest value, and
+        # those two tokens' vectors (:attr:`loc` picks between them for all rows at once)
+        self._candidates = torch.zeros(self.data.shape[0], 2, dtype=torch.long, device=self.device)
+        self._candidate_rows: dict[int, torch.Tensor] = {}
         self.pairs: torch.Tensor | None = None  # per-token dot products of tensor pairs (ratios)
         self.n_pairs = 0
         self.n = 0
         self.hidden: list[int] = []
-        self.located: list[bool] = []
         self.backward_seen = False
         self._seen: dict[int, tuple[weakref.ref, int, int]] = {}
         self.forward: list[bool] = []
         self._summary: Summary | None = None
         self._per_token: PerToken | None = None
         self._medians: torch.Tensor | None = None
+        self._loc: torch.Tensor | None = None
 
     def accepts(self, x: torch.Tensor, keep: torch.Tensor | None) -> bool:
         """Whether ``x`` (with positions ``keep``) belongs with these rows: same shape, dtype, device, mask."""
@@ -101,50 +105,66 @@ class TokenRows:
 
     def _grow(self) -> None:
         self.data = torch.cat([self.data, torch.empty_like(self.data)])
-        self.loc = torch.cat([self.loc, torch.zeros_like(self.loc)])
+        self._candidates = torch.cat([self._candidates, torch.zeros_like(self._candidates)])
 
     def row(self, x: torch.Tensor, scratch: torch.Tensor, forward: bool) -> int:
         """The row of ``x`` (B, T, hidden), reduced now unless this very tensor already has one;
         ``scratch`` is a buffer of ``x``'s shape in the statistics dtype."""
         found = self._seen.get(id(x))
         if found is not None and found[0]() is x and found[1] == x._version:
-            r = found[2]
-            if forward and self.locate and not self.located[r]:
-                self._locate(r, self._stat(x))
-            return r
+            return found[2]
         if self.n == self.data.shape[0]:
             self._grow()
         r, self.n = self.n, self.n + 1
         xs = self._stat(x)
         h = xs.shape[-1]
         self.hidden.append(h)
-        self.located.append(False)
         self.forward.append(forward)
-        shape = (self.batch, self.seq)
-        sums = self.data[r, SUM].view(*shape, 1)
+        d = self.data[r].view(4, self.batch, self.seq, 1)
+        sums = d[SUM]
         torch.sum(xs, -1, keepdim=True, out=sums)
         # two passes (token means, then squared deviations): one would cancel when means are large
-        torch.sum(torch.sub(xs, sums, alpha=1 / h, out=scratch).pow_(2), -1, out=self.data[r, DEV_SQ].view(shape))
-        torch.amax(xs, -1, out=self.data[r, HI].view(shape))
-        torch.amin(xs, -1, out=self.data[r, LO].view(shape))
+        torch.sum(torch.sub(xs, sums, alpha=1 / h, out=scratch).pow_(2), -1, keepdim=True, out=d[DEV_SQ])
+        torch.amax(xs, -1, keepdim=True, out=d[HI])
+        torch.amin(xs, -1, keepdim=True, out=d[LO])
         if forward and self.locate:
             self._locate(r, xs)
         # A weak reference: holding a gradient would stop autograd from accumulating into it in place.
         # When it does, the same object carries new values: its version counter tells.
         self._seen[id(x)] = (weakref.ref(x), x._version, r)
-        self._summary = self._per_token = self._medians = None
+        self._summary = self._per_token = self._medians = self._loc = None
         return r
 
     def _stat(self, x: torch.Tensor) -> torch.Tensor:
         x = x.detach()
-        return x.to(stat_dtype(x))
+        return x if x.dtype == self.dtype else x.to(self.dtype)
 
     def _locate(self, r: int, xs: torch.Tensor) -> None:
-        """Where the largest ``|x|`` of a kept token of ``xs`` sits; no host sync."""
-        per_token = masked(torch.maximum(self.data[r, HI], self.data[r, LO].neg()), self.keep_flat, -math.inf)
-        token = torch.argmax(per_token, out=self.loc[r, 0])
-        torch.argmax(xs.reshape(-1, xs.shape[-1]).index_select(0, token.view(1)).abs(), out=self.loc[r, 1])
-        self.located[r] = True
+        """Keep the two tokens where the largest ``|x|`` of a kept token of ``xs`` can sit (its largest
+        value's and its smallest's) and their vectors; no host sync."""
+        d, tokens = self.data[r], self._candidates[r]
+        torch.argmax(masked(d[HI], self.keep_flat, -math.inf), out=tokens[0])
+        torch.argmin(masked(d[LO], self.keep_flat, math.inf), out=tokens[1])
+        self._candidate_rows[r] = xs.reshape(-1, xs.shape[-1]).index_select(0, tokens)
+
+    @property
+    def loc(self) -> torch.Tensor:
+        """Per row (n, 2): the flat token index and the hidden dimension of the largest ``|x|`` of a kept
+        token, the first of equals (zeros for rows not located); for all located rows at once."""
+        if self._loc is None:
+            self._loc = torch.zeros(self.n, 2, dtype=torch.long, device=self.device)
+            by_hidden: dict[int, list[int]] = {}
+            for r in self._candidate_rows:
+                by_hidden.setdefault(self.hidden[r], []).append(r)
+            for rows in by_hidden.values():
+                at = self.index(rows)
+                hi_token, lo_token = self._candidates.index_select(0, at).unbind(-1)
+                hi, lo = self.data[at, HI, hi_token], self.data[at, LO, lo_token].neg()
+                use_hi = (hi > lo) | ((hi == lo) & (hi_token <= lo_token))  # ties: the first token
+                vectors = torch.stack([self._candidate_rows[r] for r in rows])  # (E, 2, hidden)
+                chosen = torch.where(use_hi[:, None], vectors[:, 0], vectors[:, 1])
+                self._loc[at] = torch.stack([torch.where(use_hi, hi_token, lo_token), chosen.abs().argmax(-1)], -1)
+        return self._loc
 
     def pair(self, a: torch.Tensor, b: torch.Tensor, scratch: torch.Tensor) -> int:
         """The per-token dot products of ``a`` and ``b`` (B, T, hidden) in a pair row; its index."""

@@ -51,6 +51,29 @@ def test_location_ties_pick_the_first_token_and_dimension() -> None:
     assert rows.loc[0].tolist() == [2, 1]  # token (0, 2) comes first; there dimension 1 before 3
 
 
+@pytest.mark.parametrize(("low", "high", "want"), [
+    ((0, 3, 2, -9.0), (0, 1, 0, 7.0), [3, 2]),  # the smallest value is the largest |x|: its token
+    ((0, 3, 2, -7.0), (0, 1, 0, 7.0), [1, 0]),  # equal |x| at two tokens: the first token, largest first
+    ((0, 1, 2, -7.0), (0, 3, 0, 7.0), [1, 2]),  # ... also when it holds the smallest value
+])
+def test_location_between_the_largest_and_the_smallest_value(low: tuple, high: tuple, want: list[int]) -> None:
+    x = torch.zeros(1, 5, 4)
+    for b, t, h, v in (low, high):
+        x[b, t, h] = v
+    rows = TokenRows(x, None, capacity=1, locate=True)
+    rows.row(x, torch.empty_like(x), forward=True)
+    assert rows.loc[0].tolist() == want
+
+
+def test_location_skips_tokens_left_out() -> None:
+    x = torch.zeros(1, 4, 3)
+    x[0, 0, 1], x[0, 2, 2], x[0, 3, 0] = 100.0, -5.0, 4.0
+    keep = torch.tensor([[False, True, True, True]])
+    rows = TokenRows(x, keep, capacity=1, locate=True)
+    rows.row(x, torch.empty_like(x), forward=True)
+    assert rows.loc[0].tolist() == [2, 2]
+
+
 def test_a_token_left_out_cannot_spoil_the_sums_even_when_infinite() -> None:
     x = _x(3)
     x[0, 0] = math.inf
