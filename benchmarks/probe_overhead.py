@@ -16,7 +16,10 @@ the medians of those ratios give the cost of a recorded and of a not-recorded st
 amortised overhead of recording every N steps is ``(recorded + (N - 1) x not recorded) / N``. The
 ratio of total times over the run is printed as a cross-check (noisier: it is a mean). On a CPU
 both wall-clock and process CPU time are reported (CPU time is less disturbed by other processes).
-``--breakdown`` instead times each statistic family alone, recording every step. The logger variants
+``--breakdown`` instead times each statistic family alone, recording every step; ``--floor`` times, beside
+the full probe, what no exact recorded step can avoid on the same tensors (each distinct tensor the probes
+read, forward and backward, read once; and reduced per token with the kernels the statistics need, into
+one buffer, with no bookkeeping). The logger variants
 (left out with ``--no-logger``, or when the ``tensorboard`` package is missing) are reported apart: their
 recorded and not-recorded steps against the same no-probe steps.
 
@@ -26,6 +29,7 @@ and on a GPU; every-100 <= 1%; a not-recorded step costs the same as a step with
     python benchmarks/probe_overhead.py                        # small preset (24 x 64), CPU, 1 thread
     python benchmarks/probe_overhead.py --threads 2 --rounds 100
     python benchmarks/probe_overhead.py --breakdown --rounds 30
+    python benchmarks/probe_overhead.py --floor --rounds 30
     python benchmarks/probe_overhead.py --preset tiny --rounds 3 --warmup 1   # does it run?
     python benchmarks/probe_overhead.py --compile              # as train --compile
     python benchmarks/probe_overhead.py --device cuda --preset 71m --dtype bf16
@@ -38,6 +42,8 @@ import math
 import statistics
 import tempfile
 import time
+import weakref
+from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import NamedTuple
@@ -48,8 +54,9 @@ from _machine import torch_machine, torch_setup
 from gpas_probe.config import ModelConfig, TrainConfig, get_preset
 from gpas_probe.gpas import clip_gate_grad_
 from gpas_probe.loggers import LogConfig
-from gpas_probe.model import build_model
+from gpas_probe.model import SITES, build_model, probed_layers
 from gpas_probe.probes import FAMILIES, Driver, Every, Probe, ProbeConfig
+from gpas_probe.probes.config import ACTIVATION_SITES
 from gpas_probe.training import StepInfo, make_optimizer
 
 TRAINING = Driver(grads_at_backward_end=True, grad_norm_given=True)  # the driver train() is, in one process
@@ -245,6 +252,97 @@ def main_breakdown(args: argparse.Namespace, runner: Runner, model: torch.nn.Mod
             print(f"summary | {name} | {med:+.2%} | {med * base * 1e3:+.2f} ms")
 
 
+class Floor:
+    """Not a probe: on every step, each distinct tensor the probes read (the activations at every hook point,
+    the gradients at the activation sites) goes through ``reduce`` once, and nothing else happens: no rows,
+    no bookkeeping. The observer protocol of :class:`~gpas_probe.probes.Probe`, recording every step."""
+
+    def __init__(self, model: torch.nn.Module, reduce: Callable[[torch.Tensor], None]) -> None:
+        self.blocks, self.reduce = probed_layers(model), reduce
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.recording_step: int | None = None
+
+    def schedule(self, step: int) -> bool:
+        return True
+
+    def begin_step(self, step: int) -> None:
+        self.recording_step = step
+        # weak, as the probes hold them: a held gradient is not accumulated into. Autograd accumulates a
+        # gradient into the object it handed to an earlier hook: new values, the same object (its version tells)
+        seen: dict[int, tuple[weakref.ref, int]] = {}
+
+        def once(x: torch.Tensor) -> None:
+            ref = seen.get(id(x))
+            if ref is None or ref[0]() is not x or ref[1] != x._version:
+                seen[id(x)] = weakref.ref(x), x._version
+                self.reduce(x.detach())
+
+        def forward(x: torch.Tensor, grad: bool) -> None:
+            if not torch.is_grad_enabled():
+                return
+            once(x)
+            if grad and x.requires_grad:
+                self.handles.append(x.register_hook(once))
+
+        for block in self.blocks:
+            for site in SITES:
+                self.handles.append(getattr(block, f"hook_{site}").register_forward_hook(
+                    lambda _m, _a, out, grad=site in ACTIVATION_SITES: forward(out, grad)))
+
+    def after_backward(self, step: int) -> None:
+        pass
+
+    def end_step(self, info: StepInfo) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        self.recording_step = None
+
+    def close(self) -> None:
+        pass
+
+
+def one_read(x: torch.Tensor) -> None:
+    """One pass over ``x``: the least any statistic of it costs."""
+    torch.sum(x)
+
+
+class PerToken:
+    """The per-token reductions the statistics need (sum, squared deviations from the token's mean in two
+    passes, max, min), written into one buffer: the probes' kernels without their bookkeeping."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def __call__(self, x: torch.Tensor) -> None:
+        key = tuple(x.shape)
+        if key not in self.buffers:
+            self.buffers[key] = torch.empty(4, *key[:-1], 1, dtype=x.dtype), torch.empty_like(x)
+        out, scratch = self.buffers[key]
+        torch.sum(x, -1, keepdim=True, out=out[0])
+        torch.sum(torch.sub(x, out[0], alpha=1 / x.shape[-1], out=scratch).pow_(2), -1, keepdim=True, out=out[1])
+        torch.amax(x, -1, keepdim=True, out=out[2])
+        torch.amin(x, -1, keepdim=True, out=out[3])
+
+
+def main_floor(args: argparse.Namespace, runner: Runner, model: torch.nn.Module, tmp: Path) -> None:
+    probes: dict[str, Probe | Floor | None] = {
+        "none": None, "one read per tensor": Floor(model, one_read), "per-token reductions": Floor(model, PerToken()),
+        "probe (all families)": Probe(model, tmp / "all", config=ProbeConfig(), schedule=Every(1), driver=TRAINING)}
+    rounds = interleave(runner, probes, args.rounds, args.warmup)  # type: ignore[arg-type]
+    for p in probes.values():
+        if p is not None:
+            p.close()
+    clock = "wall" if runner.device.type == "cuda" else "cpu"
+    base = statistics.median(getattr(s["none"], clock) for s in rounds)
+    print(f"\nrecorded-step overhead against what no exact recording avoids ({clock} clock; no-probe step "
+          f"{base * 1e3:.2f} ms):")
+    for name in probes:
+        if name != "none":
+            med = statistics.median(ratios(rounds, name, clock, True))
+            print(f"summary | {name} | {med:+.2%} | {med * base * 1e3:+.2f} ms")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="small", help="model preset (default: small, 24 layers x 64)")
@@ -259,6 +357,8 @@ def main() -> None:
                     help="bf16: bf16 autocast, as train() runs on CUDA; fp32: plain fp32, as on CPU")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
     ap.add_argument("--breakdown", action="store_true", help="time each statistic family alone instead")
+    ap.add_argument("--floor", action="store_true",
+                    help="time the probe beside one read and the per-token reductions of the same tensors instead")
     ap.add_argument("--logger", action=argparse.BooleanOptionalAction, default=True,
                     help="also run every 1 and every 100 with a TensorBoard logger attached (default on)")
     ap.add_argument("--compile", action="store_true",
@@ -284,7 +384,8 @@ def main() -> None:
           f"{args.dtype}{', compiled' if args.compile else ''}; {args.rounds} timed steps per variant after "
           f"{args.warmup} warm-up rounds")
     with tempfile.TemporaryDirectory() as tmp:
-        (main_breakdown if args.breakdown else main_schedules)(args, runner, model, Path(tmp))
+        main = main_floor if args.floor else main_breakdown if args.breakdown else main_schedules
+        main(args, runner, model, Path(tmp))
 
 
 if __name__ == "__main__":
