@@ -80,7 +80,6 @@ class OutlierStats(StatFamily):
         self.intervals = config.intervals
         self.hidden: dict[tuple[int, str], int] = {}
         self._entries: list[tuple[Key, int]] = []
-        self._ids: torch.Tensor | None = None
 
     def arm(self, rec: Recording) -> None:
         if not self.sites:
@@ -96,7 +95,6 @@ class OutlierStats(StatFamily):
     def _forward(self, rec: Recording, key: Key, x: torch.Tensor) -> None:
         self.hidden[key[:2]] = x.shape[-1]
         row = rec.token_row(x, forward=True)  # first: it may end the pass before this one
-        self._ids = rec.token_ids(x)
         self._entries.append((key, row))
 
     def _pass_end(self, rec: Recording, rows: TokenRows) -> None:
@@ -119,7 +117,7 @@ class OutlierStats(StatFamily):
         acc.add_block((self.name, "absmax_rob"), [k + ("absmax_rob",) for k in keys],
                       masked(t.absmax.index_select(0, at), rob, -math.inf).amax(-1), MAX)
         token, dim = rows.loc.index_select(0, at).unbind(-1)
-        ids = self._ids.reshape(-1)[token] if self._ids is not None else torch.full_like(token, -1)
+        ids = rows.ids.reshape(-1)[token] if rows.ids is not None else torch.full_like(token, -1)
         acc.argmax_block((self.name, "loc"), [k + ("loc",) for k in keys], s.absmax.index_select(0, at),
                          torch.stack([dim, token % rows.seq, ids], -1))
         if self.intervals:

@@ -88,12 +88,13 @@ class Recording:
             self._keep_cache[cache_key] = keep
         return self._keep_cache[cache_key]
 
-    def token_ids(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The input ids of the positions of ``x`` (B, T, hidden), when the driver gave them."""
+    def token_ids(self, batch: int, seq: int, device: torch.device) -> torch.Tensor | None:
+        """The input ids of a pass's (batch, seq) positions on ``device``, when the driver gave them (read
+        when the pass's first tensor arrives: the driver gives the next pass's before its forward)."""
         ids = self.tokens
-        if ids is None or tuple(ids.shape) != tuple(x.shape[:2]):
+        if ids is None or tuple(ids.shape) != (batch, seq):
             return None
-        return ids.to(x.device)
+        return ids.to(device)
 
     def scratch(self, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A buffer of ``like``'s shape and device (and dtype, unless given), reused by every statistic of
@@ -122,7 +123,8 @@ class Recording:
             self.end_pass()
             rows = None
         if rows is None:
-            rows = self.rows = TokenRows(x, keep, len(self._forward_fns), self.locate_forward)
+            rows = self.rows = TokenRows(x, keep, len(self._forward_fns), self.locate_forward,
+                                         self.token_ids(x.shape[0], x.shape[1], x.device))
         rows.backward_seen |= not forward
         r = rows.row(x, self.scratch(x, rows.dtype), forward)
         self._last = (weakref.ref(x), x._version, forward, r)

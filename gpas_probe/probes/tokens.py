@@ -72,15 +72,18 @@ class TokenRows:
 
     ``like`` is the first tensor (B, T, hidden); ``keep`` the (B, T) positions statistics include
     (None: all); ``capacity`` the rows reserved (more are added by doubling); ``locate``: forward rows
-    also keep where their largest ``|x|`` sits (the flat token index and the hidden dimension).
+    also keep where their largest ``|x|`` sits (the flat token index and the hidden dimension); ``ids``
+    the pass's (B, T) input ids, when known.
     """
 
-    def __init__(self, like: torch.Tensor, keep: torch.Tensor | None, capacity: int, locate: bool) -> None:
+    def __init__(self, like: torch.Tensor, keep: torch.Tensor | None, capacity: int, locate: bool,
+                 ids: torch.Tensor | None = None) -> None:
         self.batch, self.seq = like.shape[0], like.shape[1]
         self.dtype, self.device = stat_dtype(like), like.device
         self.keep = keep
         self.keep_flat = keep.reshape(-1) if keep is not None else None
         self.locate = locate
+        self.ids = ids
         self.data = torch.empty(max(capacity, 1), 4, self.batch * self.seq, dtype=self.dtype, device=self.device)
         # where each located row's largest |x| may sit: the tokens of its largest and smallest value, and
         # those two tokens' vectors (:attr:`loc` picks between them for all rows at once)
