@@ -56,6 +56,7 @@ from gpas_probe.gpas import clip_gate_grad_
 from gpas_probe.loggers import LogConfig
 from gpas_probe.model import SITES, build_model, probed_layers
 from gpas_probe.probes import FAMILIES, Driver, Every, Probe, ProbeConfig
+from gpas_probe.probes.accumulator import stat_dtype
 from gpas_probe.probes.config import ACTIVATION_SITES
 from gpas_probe.training import StepInfo, make_optimizer
 
@@ -312,12 +313,13 @@ class PerToken:
     passes, max, min), written into one buffer: the probes' kernels without their bookkeeping."""
 
     def __init__(self) -> None:
-        self.buffers: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.buffers: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def __call__(self, x: torch.Tensor) -> None:
-        key = tuple(x.shape)
+        x = x.to(stat_dtype(x))  # as the probes do: bf16 is reduced in float32
+        key = (*x.shape, x.dtype, x.device)
         if key not in self.buffers:
-            self.buffers[key] = torch.empty(4, *key[:-1], 1, dtype=x.dtype), torch.empty_like(x)
+            self.buffers[key] = torch.empty(4, *x.shape[:-1], 1, dtype=x.dtype, device=x.device), torch.empty_like(x)
         out, scratch = self.buffers[key]
         torch.sum(x, -1, keepdim=True, out=out[0])
         torch.sum(torch.sub(x, out[0], alpha=1 / x.shape[-1], out=scratch).pow_(2), -1, keepdim=True, out=out[1])
