@@ -46,7 +46,7 @@ import weakref
 from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from _machine import torch_machine, torch_setup
@@ -239,14 +239,18 @@ def main_breakdown(args: argparse.Namespace, runner: Runner, model: torch.nn.Mod
         stats = FAMILIES if family == "all" else (family,)
         probes[family] = Probe(model, tmp / family, config=ProbeConfig(stats=stats), schedule=Every(1),
                                 driver=TRAINING)
+    recorded_overheads(args, runner, probes, "of each statistic family alone")
+
+
+def recorded_overheads(args: argparse.Namespace, runner: Runner, probes: dict[str, Any], title: str) -> None:
+    """Interleave ``probes`` (each recording every step) and print each one's recorded-step overhead."""
     rounds = interleave(runner, probes, args.rounds, args.warmup)
     for p in probes.values():
         if p is not None:
             p.close()
     clock = "wall" if runner.device.type == "cuda" else "cpu"
     base = statistics.median(getattr(s["none"], clock) for s in rounds)
-    print(f"\nrecorded-step overhead of each statistic family alone ({clock} clock; no-probe step "
-          f"{base * 1e3:.2f} ms):")
+    print(f"\nrecorded-step overhead {title} ({clock} clock; no-probe step {base * 1e3:.2f} ms):")
     for name in probes:
         if name != "none":
             med = statistics.median(ratios(rounds, name, clock, True))
@@ -331,18 +335,7 @@ def main_floor(args: argparse.Namespace, runner: Runner, model: torch.nn.Module,
     probes: dict[str, Probe | Floor | None] = {
         "none": None, "one read per tensor": Floor(model, one_read), "per-token reductions": Floor(model, PerToken()),
         "probe (all families)": Probe(model, tmp / "all", config=ProbeConfig(), schedule=Every(1), driver=TRAINING)}
-    rounds = interleave(runner, probes, args.rounds, args.warmup)  # type: ignore[arg-type]
-    for p in probes.values():
-        if p is not None:
-            p.close()
-    clock = "wall" if runner.device.type == "cuda" else "cpu"
-    base = statistics.median(getattr(s["none"], clock) for s in rounds)
-    print(f"\nrecorded-step overhead against what no exact recording avoids ({clock} clock; no-probe step "
-          f"{base * 1e3:.2f} ms):")
-    for name in probes:
-        if name != "none":
-            med = statistics.median(ratios(rounds, name, clock, True))
-            print(f"summary | {name} | {med:+.2%} | {med * base * 1e3:+.2f} ms")
+    recorded_overheads(args, runner, probes, "against what no exact recording avoids")
 
 
 def main() -> None:
