@@ -58,15 +58,12 @@ class Recording:
         self._pass_end: list[Callable[[TokenRows], None]] = []
         self._forward_fns: dict[nn.Module, list[Callable[[torch.Tensor], None]]] = {}
         self._grad_fns: dict[int, tuple[weakref.ref, list[Callable[[torch.Tensor], None]]]] = {}
-        # the last tensor given a row, weakly held (as TokenRows holds them): (x, version, forward, row)
-        self._last: tuple[weakref.ref, int, bool, int] | None = None
         self.closed = False
 
     # -- token masks ---------------------------------------------------------------------------
     def set_exclude(self, exclude: torch.Tensor | None) -> None:
         self._exclude = exclude
         self._keep_cache.clear()
-        self._last = None
 
     def keep(self, x: torch.Tensor) -> torch.Tensor | None:
         """The (B, T) positions of ``x`` (B, T, hidden) that statistics include; None = all."""
@@ -114,9 +111,6 @@ class Recording:
     def token_row(self, x: torch.Tensor, forward: bool) -> int:
         """The row of ``x`` (B, T, hidden) in this pass's :class:`TokenRows` (``forward``: an activation,
         else a gradient). A forward tensor after a backward one starts a new pass."""
-        last = self._last
-        if last is not None and last[0]() is x and last[1] == x._version and last[2] == forward:
-            return last[3]  # the families of one hook point ask for the same tensor in turn
         keep = self.keep(x)
         rows = self.rows
         if rows is not None and (not rows.accepts(x, keep) or (forward and rows.backward_seen)):
@@ -126,9 +120,8 @@ class Recording:
             rows = self.rows = TokenRows(x, keep, len(self._forward_fns), self.locate_forward,
                                          self.token_ids(x.shape[0], x.shape[1], x.device))
         rows.backward_seen |= not forward
-        r = rows.row(x, self.scratch(x, rows.dtype), forward)
-        self._last = (weakref.ref(x), x._version, forward, r)
-        return r
+        known = rows.known(x)  # the families of one hook point ask for the same tensor in turn
+        return known if known is not None else rows.row(x, self.scratch(x, rows.dtype), forward)
 
     def pair_row(self, a: torch.Tensor, b: torch.Tensor) -> int:
         """The per-token dot products of ``a`` and ``b``, two tensors of this pass with rows already."""
@@ -137,7 +130,7 @@ class Recording:
 
     def end_pass(self) -> None:
         """Hand the rows of the pass to the families (:meth:`on_pass_end`); the next tensor starts new rows."""
-        rows, self.rows, self._last = self.rows, None, None
+        rows, self.rows = self.rows, None
         if rows is not None and rows.n:
             for fn in self._pass_end:
                 fn(rows)
@@ -162,9 +155,8 @@ class Recording:
     def on_grad(self, tensor: torch.Tensor, fn: Callable[[torch.Tensor], None]) -> None:
         """Call ``fn(grad)`` with the gradient of the loss w.r.t. ``tensor`` (the gradient is not changed); one
         hook per tensor, whatever the number of callbacks: they run in the order they were given."""
-
         entry = self._grad_fns.get(id(tensor))
-        if entry is not None and entry[0]() is tensor:  # one hook per tensor, whatever the number of callbacks
+        if entry is not None and entry[0]() is tensor:
             entry[1].append(fn)
             return
         fns = [fn]
@@ -256,7 +248,7 @@ class Recording:
         self._forward_fns.clear()
         self._grad_fns.clear()
         self.state.clear()
-        self.rows = self._last = None
+        self.rows = None
         self._pass_end.clear()
         self.closed = True
 

@@ -113,9 +113,9 @@ class TokenRows:
     def row(self, x: torch.Tensor, scratch: torch.Tensor, forward: bool) -> int:
         """The row of ``x`` (B, T, hidden), reduced now unless this very tensor already has one;
         ``scratch`` is a buffer of ``x``'s shape in the statistics dtype."""
-        found = self._seen.get(id(x))
-        if found is not None and found[0]() is x and found[1] == x._version:
-            return found[2]
+        known = self.known(x)
+        if known is not None:
+            return known
         if self.n == self.data.shape[0]:
             self._grow()
         r, self.n = self.n, self.n + 1
@@ -138,6 +138,11 @@ class TokenRows:
         self._summary = self._per_token = self._medians = self._loc = None
         return r
 
+    def known(self, x: torch.Tensor) -> int | None:
+        """The row of this very tensor, unless it has none or has changed in place since."""
+        found = self._seen.get(id(x))
+        return found[2] if found is not None and found[0]() is x and found[1] == x._version else None
+
     def _stat(self, x: torch.Tensor) -> torch.Tensor:
         x = x.detach()
         return x if x.dtype == self.dtype else x.to(self.dtype)
@@ -159,12 +164,12 @@ class TokenRows:
             by_hidden: dict[int, list[int]] = {}
             for r in self._candidate_rows:
                 by_hidden.setdefault(self.hidden[r], []).append(r)
-            for rows in by_hidden.values():
-                at = self.index(rows)
+            for group in by_hidden.values():
+                at = self.index(group)
                 hi_token, lo_token = self._candidates.index_select(0, at).unbind(-1)
                 hi, lo = self.data[at, HI, hi_token], self.data[at, LO, lo_token].neg()
                 use_hi = (hi > lo) | ((hi == lo) & (hi_token <= lo_token))  # ties: the first token
-                vectors = torch.stack([self._candidate_rows[r] for r in rows])  # (E, 2, hidden)
+                vectors = torch.stack([self._candidate_rows[r] for r in group])  # (E, 2, hidden)
                 chosen = torch.where(use_hi[:, None], vectors[:, 0], vectors[:, 1])
                 self._loc[at] = torch.stack([torch.where(use_hi, hi_token, lo_token), chosen.abs().argmax(-1)], -1)
         return self._loc
