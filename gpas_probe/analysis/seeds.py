@@ -58,12 +58,12 @@ def seed_of(meta: Mapping[str, Any]) -> int | None:
     return int(seed) if isinstance(seed, (int, float)) else None
 
 
-def seed_summary(data: pd.DataFrame, groups: Mapping[str, str]) -> pd.DataFrame:
+def seed_summary(data: pd.DataFrame, groups: Mapping[str, str], per_run: pd.DataFrame | None = None) -> pd.DataFrame:
     """One row per group (in order of first appearance): ``runs``, the mean over its runs of each
     :func:`compare_runs` number, and ``val_lo``/``val_hi``, the 95% interval of the mean final validation
-    loss across seeds (NaN with one run)."""
-    per_run = compare_runs(data)
-    per_run["group"] = [groups.get(r, r) for r in per_run.index]
+    loss across seeds (NaN with one run). ``per_run``: ``compare_runs(data)``, when computed already."""
+    per_run = compare_runs(data) if per_run is None else per_run
+    per_run = per_run.assign(group=[groups.get(r, r) for r in per_run.index])
     rows = []
     for name, part in per_run.groupby("group", sort=False):
         val = part["final_val_loss"].to_numpy(dtype=float)
@@ -75,11 +75,13 @@ def seed_summary(data: pd.DataFrame, groups: Mapping[str, str]) -> pd.DataFrame:
     return out
 
 
-def paired_differences(data: pd.DataFrame, groups: Mapping[str, str], seeds: Mapping[str, int | None]) -> pd.DataFrame:
+def paired_differences(data: pd.DataFrame, groups: Mapping[str, str], seeds: Mapping[str, int | None],
+                       per_run: pd.DataFrame | None = None) -> pd.DataFrame:
     """Each group against the first: the final validation loss of its run minus the first group's run of
     the same seed, averaged over the shared seeds, with its 95% interval; ``beyond_noise`` is True when the
-    interval excludes zero. Columns ``pairs``, ``difference``, ``lo``, ``hi``, ``beyond_noise``."""
-    val = compare_runs(data)["final_val_loss"]
+    interval excludes zero. Columns ``pairs``, ``difference``, ``lo``, ``hi``, ``beyond_noise``.
+    ``per_run``: ``compare_runs(data)``, when computed already."""
+    val = (compare_runs(data) if per_run is None else per_run)["final_val_loss"]
     order = list(dict.fromkeys(groups[r] for r in val.index if r in groups))
     if len(order) < 2:
         return pd.DataFrame(columns=["pairs", "difference", "lo", "hi", "beyond_noise"])
@@ -108,6 +110,11 @@ def run_groups(paths: Sequence[str | Path], run_ids: Sequence[str] | None = None
     for i, path in enumerate(paths):
         meta = read_meta(path)
         metas[str(meta.get("run_id", Path(path).name)) if run_ids is None else run_ids[i]] = meta
+    return groups_and_seeds(metas)
+
+
+def groups_and_seeds(metas: Mapping[str, Mapping[str, Any]]) -> tuple[dict[str, str], dict[str, int | None]]:
+    """``(run_id -> group, run_id -> seed)`` from the probe metadata of each run id."""
     return group_runs(metas), {run: seed_of(meta) for run, meta in metas.items()}
 
 

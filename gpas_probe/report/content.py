@@ -16,7 +16,7 @@ import pandas as pd
 
 from gpas_probe._version import __version__
 from gpas_probe.analysis.diagnosis import diagnose_runs
-from gpas_probe.analysis.seeds import group_runs, grouped, paired_differences, seed_of, seed_summary
+from gpas_probe.analysis.seeds import grouped, groups_and_seeds, paired_differences, seed_summary
 from gpas_probe.analysis.summary import COMPARE_LABELS, COMPARE_LEGEND, SEED_LEGEND, compare_runs
 from gpas_probe.folders import run_folders, run_home, run_labels
 from gpas_probe.report.describe import PROFILE, run_facts, run_kind
@@ -28,7 +28,6 @@ from gpas_probe.store.schema import IMPORTANCE_SITE
 from gpas_probe.table import select
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass
@@ -85,15 +84,16 @@ def probe_meta(folder: Path) -> dict[str, Any]:
 def comparison(data: pd.DataFrame, groups: Mapping[str, str],
                seeds: Mapping[str, int | None]) -> tuple[Table, list[str]]:
     """The table ``gpas-probe compare`` prints, and the lines under it (legend, paired differences)."""
+    per_run = compare_runs(data)
     if not grouped(groups):
-        return frame_table(compare_runs(data), "runs compared", COMPARE_LABELS), [COMPARE_LEGEND]
-    summary = seed_summary(data, groups)
+        return frame_table(per_run, "runs compared", COMPARE_LABELS), [COMPARE_LEGEND]
+    summary = seed_summary(data, groups, per_run)
     summary.insert(2, "val 95%", [bounds(lo, hi) for lo, hi in zip(summary["val_lo"], summary["val_hi"],
                                                                      strict=True)])
     table = frame_table(summary.drop(columns=["val_lo", "val_hi"]),
                         "configurations compared: means over their seeds", COMPARE_LABELS)
     lines = [SEED_LEGEND + COMPARE_LEGEND]
-    for name, row in paired_differences(data, groups, seeds).iterrows():
+    for name, row in paired_differences(data, groups, seeds, per_run).iterrows():
         if row["pairs"] < 2:
             lines.append(f"{name}: {row['pairs']} shared seed(s), too few for an interval")
             continue
@@ -127,7 +127,7 @@ def build_report(paths: Sequence[str | Path], out: str | Path | None = None, *, 
 
     results = diagnose_runs(data)
     diagnoses = [diagnosis_view(d) for d in results.values()]
-    groups, seeds = group_runs(metas), {label: seed_of(meta) for label, meta in metas.items()}
+    groups, seeds = groups_and_seeds(metas)
     table, lines = comparison(data, groups, seeds) if len(folders) > 1 else (None, [])
 
     kinds = {r.label: r.kind for r in runs}
