@@ -44,8 +44,7 @@ def run_state(path: str | Path) -> str:
     live = run_writer(path)
     if live:
         return f"running ({live['text']})"
-    folder = Path(path)
-    folder = folder.parent if folder.name == PROBES_DIR else folder
+    folder = run_home(path)
     if not (folder / RUN_META).is_file():
         return "not being written"
     steps = read_run_meta(folder / RUN_META)["train_config"].get("steps")

@@ -12,7 +12,7 @@ import pandas as pd
 
 from gpas_probe.config import PRESETS, ModelConfig
 from gpas_probe.folders import run_state
-from gpas_probe.store.reader import natural_key
+from gpas_probe.store.reader import extent
 
 log = logging.getLogger(__name__)
 
@@ -134,14 +134,11 @@ def profile_facts(profile: Mapping[str, Any]) -> list[tuple[str, str]]:
 
 def recorded_facts(frame: pd.DataFrame) -> list[tuple[str, str]]:
     """What the rows hold: steps, layers, sites and rows, as ``gpas-probe info`` counts them."""
-    steps = sorted(frame["step"].unique().tolist())
-    per_layer = frame["layer"].to_numpy() >= 0
-    probed = sorted(frame.loc[per_layer, "step"].unique().tolist())
-    layers = sorted(x for x in frame["layer"].unique().tolist() if x >= 0)
-    return [("recorded steps", f"{len(probed)} with per-layer rows, {len(steps)} with rows"
-             + (f", {steps[0]}..{steps[-1]}" if steps else "")),
-            ("recorded layers", str(len(layers))),
-            ("sites", ", ".join(sorted(frame["site"].astype(str).unique().tolist(), key=natural_key))),
+    held = extent(frame)
+    return [("recorded steps", f"{len(held.probed)} with per-layer rows, {len(held.steps)} with rows"
+             + (f", {held.steps[0]}..{held.steps[-1]}" if held.steps else "")),
+            ("recorded layers", str(len(held.layers))),
+            ("sites", ", ".join(held.sites)),
             ("rows", f"{len(frame):,}")]
 
 

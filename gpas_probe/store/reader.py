@@ -6,7 +6,7 @@ import json
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -164,21 +164,37 @@ def natural_key(name: str) -> tuple[tuple[int, int | str], ...]:
     return tuple((0, int(part)) if part.isdigit() else (1, part) for part in re.split(r"(\d+)", name))
 
 
+class Extent(NamedTuple):
+    """What a probe table holds: the steps with rows, the steps with per-layer rows (beyond the model
+    rows), the layers and the sites (in natural order)."""
+
+    steps: list[int]
+    probed: list[int]
+    layers: list[int]
+    sites: list[str]
+
+
+def extent(frame: pd.DataFrame) -> Extent:
+    """The :class:`Extent` of a probe table."""
+    per_layer = frame["layer"].to_numpy() >= 0
+    return Extent(sorted(frame["step"].unique().tolist()), sorted(frame.loc[per_layer, "step"].unique().tolist()),
+                  sorted(x for x in frame["layer"].unique().tolist() if x >= 0),
+                  sorted(frame["site"].astype(str).unique().tolist(), key=natural_key))
+
+
 def run_info(path: str | Path) -> dict[str, Any]:
     """A summary of a recorded run: steps, layers, sites, statistics, rows and bytes on disk."""
     p = probes_dir(path)
     frame = load_run(p)
     files = part_files(p) if p.is_dir() else [p]
-    steps = sorted(frame["step"].unique().tolist())
-    probed = sorted(frame.loc[frame["layer"] >= 0, "step"].unique().tolist())  # beyond the model rows
-    layers = sorted(x for x in frame["layer"].unique().tolist() if x >= 0)
+    held = extent(frame)
     size = sum(f.stat().st_size for f in files)
     return {
         "run_id": frame["run_id"].iloc[0] if len(frame) else p.parent.name,
-        "steps": f"{len(probed)} recorded by the probes, {len(steps)} with rows"
-        + (f", {steps[0]}..{steps[-1]}" if steps else ""),
-        "layers": len(layers),
-        "sites": ", ".join(sorted(frame["site"].unique().tolist(), key=natural_key)),
+        "steps": f"{len(held.probed)} recorded by the probes, {len(held.steps)} with rows"
+        + (f", {held.steps[0]}..{held.steps[-1]}" if held.steps else ""),
+        "layers": len(held.layers),
+        "sites": ", ".join(held.sites),
         "stats": ", ".join(sorted(frame["stat"].unique().tolist(), key=natural_key)),
         "rows": f"{len(frame):,}",
         "size": f"{size:,} bytes in {len(files)} chunk(s)"
