@@ -8,7 +8,7 @@ import math
 from dataclasses import dataclass
 
 from gpas_probe.analysis.diagnosis import Diagnosis
-from gpas_probe.report.tables import Cell, Table
+from gpas_probe.report.tables import Cell, Table, bounds
 
 #: signal -> (column shown, header, format), as ``gpas-probe diagnose`` shows them; causal ones with bounds
 SHOWN = {
@@ -56,7 +56,7 @@ def _cell(row: object, signal: str, bold: bool) -> Cell:
     if signal in BOUNDS:
         lo, hi = (getattr(row, c) for c in BOUNDS[signal])
         if lo == lo and hi == hi:
-            text += f" [{fmt.format(lo)}, {fmt.format(hi)}]"
+            text += " " + bounds(lo, hi, fmt)
     return Cell(text, bold=bold and text != "-")
 
 
